@@ -1,0 +1,1 @@
+"""Datasets in the MVTec AD layout, the synthetic factory, anomaly synthesis, downloads."""
