@@ -14,7 +14,7 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.pop("MPLBACKEND", None)  # the inline backend, so figures are saved
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("ADLAB_PROFILE", "quick")
 

@@ -70,9 +70,7 @@ def show_grid(images, titles=None, masks=None, maps=None, ncols: int = 8, size: 
 
 def plot_roc(ax, labels, scores, label: str | None = None):
     """ROC curve (FPR vs TPR) with the AUROC in the legend."""
-    from sklearn.metrics import roc_curve
-
-    from adlab.metrics import image_auroc
+    from adlab.metrics import image_auroc, roc_curve
 
     fpr, tpr, _ = roc_curve(_np(labels).ravel(), _np(scores).ravel())
     ax.plot(fpr, tpr, label=f"{label or 'ROC'} (AUROC {image_auroc(labels, scores):.3f})")
