@@ -106,7 +106,7 @@ def data_root() -> Path:
         raise FileNotFoundError(
             "The paper profile reads real datasets from the folder named by ADLAB_DATA, which is "
             "not set. Download one with `python data_scripts/download.py mvtec_ad --root DIR`, "
-            "then `export ADLAB_DATA=DIR`; or use the synthetic data with ADLAB_PROFILE=quick.")
+            "then `export ADLAB_DATA=DIR/mvtec_ad`; or use the synthetic data with ADLAB_PROFILE=quick.")
     return Path(value).expanduser()
 
 

@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Download, verify, extract and convert a real anomaly-detection dataset to the MVTec layout.
+
+    python data_scripts/download.py --list
+    python data_scripts/download.py mvtec_ad --root ~/data
+    python data_scripts/download.py visa --root ~/data --url https://mirror.example/VisA.tar
+    python data_scripts/download.py mpdd --root ~/data --no-verify     # no published checksum
+
+The dataset ends up in <root>/<name>; point the paper profile at it with
+``export ADLAB_DATA=<root>/<name>``. Offline, the command fails within --timeout seconds and
+prints where to put an archive downloaded by hand; running it again verifies and uses it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout, too
+
+from adlab.data import download as dl  # noqa: E402
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CHECKSUM, EXIT_UNSAFE, EXIT_LAYOUT = 0, 1, 2, 3, 4, 5
+
+EPILOG = """exit codes:
+  0  dataset ready (or listed)
+  1  download failed (offline, HTTP error, manual download needed): see the message
+  2  wrong command-line usage or unknown dataset
+  3  checksum mismatch, or no known checksum without --no-verify
+  4  unsafe archive refused (path traversal, links outside, device files)
+  5  unexpected folder layout after extraction
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Download a real dataset, check its sha256, extract it safely and "
+                    "arrange it in the MVTec AD folder layout.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", nargs="?", help=f"dataset: {', '.join(dl.CATALOGUE)}")
+    parser.add_argument("--root", help="folder for the archive and the dataset (required); "
+                                       "the dataset goes to ROOT/NAME")
+    parser.add_argument("--url", help="download from this URL (a mirror) instead of the "
+                                      "catalogue's; the catalogue checksum still applies")
+    parser.add_argument("--sha256", help="expected sha256 of the archive (overrides the "
+                                         "catalogue; for mirrors or datasets without one)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="use the archive even if its sha256 is unknown or differs "
+                             "(prints the sha256 so you can check it)")
+    parser.add_argument("--timeout", type=float, default=dl.DEFAULT_TIMEOUT,
+                        help="seconds to wait for a connection or data (default %(default)s)")
+    parser.add_argument("--list", action="store_true", help="list the catalogue and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list:
+        for entry in dl.CATALOGUE.values():
+            print(dl.describe(entry))
+        return EXIT_OK
+    if not args.name:
+        parser.print_usage(sys.stderr)
+        print(f"error: give a dataset name ({', '.join(dl.CATALOGUE)}) or --list",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if not args.root:
+        parser.print_usage(sys.stderr)
+        print("error: --root DIR is required (the archive and <DIR>/<name> go there)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        name = dl.resolve_name(args.name)
+    except dl.DownloadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        dl.download(name, os.path.expanduser(args.root), url_override=args.url,
+                    sha256=args.sha256, verify=not args.no_verify, timeout=args.timeout)
+    except dl.ChecksumError as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        return EXIT_CHECKSUM
+    except dl.UnsafeArchiveError as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        return EXIT_UNSAFE
+    except dl.LayoutError as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        return EXIT_LAYOUT
+    except dl.DownloadError as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("\ninterrupted; partial files were removed, run again to resume from scratch",
+              file=sys.stderr)
+        return 130
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
