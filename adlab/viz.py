@@ -49,14 +49,17 @@ def overlay(ax, image, anomaly_map=None, mask=None, title: str | None = None,
 
 
 def show_grid(images, titles=None, masks=None, maps=None, ncols: int = 8, size: float = 1.4,
-              vmin=None, vmax=None):
-    """A grid of images (with optional anomaly maps and mask outlines)."""
+              vmin=None, vmax=None, dpi: int = 60):
+    """A grid of images (with optional anomaly maps and mask outlines).
+
+    A low ``dpi`` keeps the PNG saved in a notebook small (GitHub renders it faster).
+    """
     import matplotlib.pyplot as plt
 
     n = len(images)
     nrows = (n + ncols - 1) // ncols
     fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + 0.2 * nrows),
-                             squeeze=False)
+                             squeeze=False, dpi=dpi)
     for i, ax in enumerate(axes.flat):
         if i >= n:
             ax.axis("off")
