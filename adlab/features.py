@@ -176,6 +176,34 @@ class FeatureExtractor(nn.Module):
         return list(self.model(x))
 
 
+class FeatureDetector:
+    """Shared start of the detectors built on a frozen :class:`FeatureExtractor`.
+
+    Takes either a config dataclass (``Config``, defaults from the profile) or keyword
+    overrides of its fields, and builds the backbone on first use from the config's
+    ``backbone``, ``layers``, ``pretrained`` and ``seed``.
+    """
+
+    Config: type = None  # set by each subclass
+
+    def __init__(self, config=None, **overrides):
+        from adlab.config import device
+
+        if config is not None and overrides:
+            raise ValueError(f"Pass either a {self.Config.__name__} or keyword overrides, "
+                             "not both.")
+        self.config = config or self.Config(**overrides)
+        self.device = device()
+        self.extractor = None
+
+    def _extractor(self) -> FeatureExtractor:
+        if self.extractor is None:
+            c = self.config
+            self.extractor = FeatureExtractor(c.backbone, c.layers, c.pretrained,
+                                              seed=c.seed).to(self.device)
+        return self.extractor
+
+
 # --------------------------------------------------------------------------- helpers
 
 def images_of(data) -> torch.Tensor:

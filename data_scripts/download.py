@@ -79,18 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dl.download(name, os.path.expanduser(args.root), url_override=args.url,
                     sha256=args.sha256, verify=not args.no_verify, timeout=args.timeout)
-    except dl.ChecksumError as err:
-        print(f"\nerror: {err}", file=sys.stderr)
-        return EXIT_CHECKSUM
-    except dl.UnsafeArchiveError as err:
-        print(f"\nerror: {err}", file=sys.stderr)
-        return EXIT_UNSAFE
-    except dl.LayoutError as err:
-        print(f"\nerror: {err}", file=sys.stderr)
-        return EXIT_LAYOUT
     except dl.DownloadError as err:
         print(f"\nerror: {err}", file=sys.stderr)
-        return EXIT_FAILED
+        exit_codes = ((dl.ChecksumError, EXIT_CHECKSUM), (dl.UnsafeArchiveError, EXIT_UNSAFE),
+                      (dl.LayoutError, EXIT_LAYOUT), (dl.DownloadError, EXIT_FAILED))
+        return next(code for kind, code in exit_codes if isinstance(err, kind))
     except KeyboardInterrupt:
         print("\ninterrupted; partial files were removed, run again to resume from scratch",
               file=sys.stderr)

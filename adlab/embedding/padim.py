@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from adlab.config import by_profile, device
+from adlab.config import by_profile
 from adlab.detector import Prediction
-from adlab.features import FeatureExtractor, batches, images_of, smooth_map, topk_mean
+from adlab.features import FeatureDetector, batches, images_of, smooth_map, topk_mean
 
 
 @dataclass
@@ -124,27 +124,18 @@ def mahalanobis(x: torch.Tensor, mu: torch.Tensor, sigma_inv: torch.Tensor) -> t
 
 # ----------------------------------------------------------------------------- detector
 
-class PaDiM:
+class PaDiM(FeatureDetector):
     """PaDiM detector: ``fit(train)`` then ``predict(images) -> Prediction``.
 
     After fitting: ``channels`` (the d kept channel indices), ``mu [P, d]``,
     ``sigma_inv [P, d, d]`` and ``grid`` (h, w) of the embedding positions.
     """
 
-    def __init__(self, config: PaDiMConfig | None = None, **overrides):
-        if config is not None and overrides:
-            raise ValueError("Pass either a PaDiMConfig or keyword overrides, not both.")
-        self.config = config or PaDiMConfig(**overrides)
-        self.device = device()
-        self.extractor = None
-        self.image_size = None
+    Config = PaDiMConfig
 
-    def _extractor(self) -> FeatureExtractor:
-        if self.extractor is None:
-            c = self.config
-            self.extractor = FeatureExtractor(c.backbone, c.layers, c.pretrained,
-                                              seed=c.seed).to(self.device)
-        return self.extractor
+    def __init__(self, config: PaDiMConfig | None = None, **overrides):
+        super().__init__(config, **overrides)
+        self.image_size = None
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` -> reduced embeddings ``[B, P, d]`` (Sec. 3.1)."""

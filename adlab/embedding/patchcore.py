@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from adlab.config import by_profile, device
+from adlab.config import by_profile
 from adlab.detector import Prediction
-from adlab.features import FeatureExtractor, batches, images_of, smooth_map
+from adlab.features import FeatureDetector, batches, images_of, smooth_map
 
 
 @dataclass
@@ -200,27 +200,18 @@ def reweighted_score(patches: torch.Tensor, patch_scores: torch.Tensor, nn_index
 
 # ----------------------------------------------------------------------------- detector
 
-class PatchCore:
+class PatchCore(FeatureDetector):
     """PatchCore detector: ``fit(train)`` then ``predict(images) -> Prediction``.
 
     After fitting: ``memory [M, D]`` (the coreset), ``n_patches`` (training patches
     before subsampling), ``coreset_s`` (seconds spent in the coreset selection).
     """
 
-    def __init__(self, config: PatchCoreConfig | None = None, **overrides):
-        if config is not None and overrides:
-            raise ValueError("Pass either a PatchCoreConfig or keyword overrides, not both.")
-        self.config = config or PatchCoreConfig(**overrides)
-        self.device = device()
-        self.extractor = None
-        self.memory = None
+    Config = PatchCoreConfig
 
-    def _extractor(self) -> FeatureExtractor:
-        if self.extractor is None:
-            c = self.config
-            self.extractor = FeatureExtractor(c.backbone, c.layers, c.pretrained,
-                                              seed=c.seed).to(self.device)
-        return self.extractor
+    def __init__(self, config: PatchCoreConfig | None = None, **overrides):
+        super().__init__(config, **overrides)
+        self.memory = None
 
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` -> locally aware patch features ``[B, D, h, w]`` (Sec. 3.1)."""
