@@ -137,6 +137,28 @@ def test_logical_defects_change_the_count_or_the_place(defect, expected):
             assert ndimage.label(s.mask)[1] in (1, 2)
 
 
+def test_logical_defects_come_locally_odd_and_locally_plausible():
+    """Both variants occur: a missing pin leaves an empty socket (dark bore pixels in the mask)
+    or bare board (no dark pixel, mostly green); an extra pin lies loose (no socket-ring
+    pixels around it) or sits in a socket of its own (ring-coloured pixels in its mask)."""
+    kinds = {"missing_pin": set(), "extra_pin": set()}
+    for defect in kinds:
+        for index in range(8):
+            s = S.sample("pins", defect, seed=7, index=index, size=128)
+            f = s.image.astype(float)[s.mask] / 255
+            dark = (f.max(-1) < 0.15).mean()
+            green = (f[:, 1] - f[:, 0] > 0.1).mean()
+            ring = (np.abs(f - [0.55, 0.50, 0.38]).max(-1) < 0.06).mean()
+            if defect == "missing_pin":
+                kinds[defect].add("empty socket" if dark > 0.05 else
+                                  "bare board" if dark == 0 and green > 0.8 else "?")
+            else:
+                kinds[defect].add("in a socket" if ring > 0.05 else
+                                  "loose" if ring == 0 else "?")
+    assert kinds == {"missing_pin": {"empty socket", "bare board"},
+                     "extra_pin": {"in a socket", "loose"}}
+
+
 def test_size_range_and_errors():
     for size in (64, 256):
         for category in S.CATEGORIES:

@@ -27,8 +27,14 @@ change: it is computed from the drawing, not thresholded from an image
 difference afterwards. For the logical defects the mask of a missing part is
 where it should be, of an extra part where it is, and of a misplaced part both.
 Size and contrast are drawn per image from a range
-(from a few pixels to a large region, from faint to obvious) so that methods
-are separated rather than all scoring 1.0.
+(from a few pixels to a large region, from faint to obvious, mostly
+log-uniform so small and faint defects are as common as large, obvious ones),
+as in MVTec AD, so that methods are separated rather than all scoring 1.0.
+Normal images vary as real ones do (the weave's phase, period and rotation,
+an object's pose and lighting), so a per-pixel model of the mean image is not
+enough; many logical pins defects are locally plausible (a pin in a socket
+of its own, a position with neither pin nor socket), so a model of local
+appearance alone is not enough either.
 
 Everything is deterministic: each image uses its own
 ``numpy.random.Generator`` seeded with ``(seed, category, split, index)``, the
@@ -83,8 +89,10 @@ N_TEST_GOOD = 20
 N_PER_DEFECT = 8
 
 MIN_SIZE, MAX_SIZE = 64, 512
+#: on textures a defect is centred at least this fraction of the image away from the border
+EDGE_MARGIN = 0.08
 #: bump when the drawing changes, so cached datasets from an older factory are redrawn
-FACTORY_VERSION = 2
+FACTORY_VERSION = 3
 MARKER = ".adlab-synthetic.json"
 
 # A colour image is a float32 array [H, W, 3] in [0, 1] while drawing.
@@ -191,7 +199,9 @@ def _random_curve(rng: np.random.Generator, start: tuple[float, float], length: 
 
 def _pick_point(rng: np.random.Generator, allowed: Array | None, size: int,
                 margin: float = 0.0) -> tuple[float, float]:
-    """A random pixel centre, uniform over ``allowed`` (a boolean mask) or the whole image."""
+    """A random pixel centre, uniform over ``allowed`` (a boolean mask) or the whole image
+    less ``margin`` pixels along each border (textures: a defect centred on the border
+    would be mostly out of view)."""
     if allowed is None:
         return tuple(rng.uniform(margin, size - 1 - margin, 2))
     ys, xs = np.nonzero(allowed)
@@ -216,15 +226,18 @@ def texture_weave(rng: np.random.Generator, size: int) -> Array:
     Each cell of the thread grid shows the thread on top: the warp where ``(i + j)`` is even,
     the weft where it is odd. A thread is shaded as a round cord (bright along its middle)
     that rises in the middle of the cell where it is on top and dips at the crossings.
-    Small jitter per image: thread period (+-2 %), rotation (+-0.7 deg), a random phase, a
-    smooth displacement field (threads are not perfectly straight), brightness (+-3 %),
-    per-thread brightness, and fibre noise along each thread. The jitter is kept small
-    (like a real production line) so a defect stands out against the normal variation.
+    Natural variation per image, as between photos of a real fabric: a random phase
+    (shift) of the whole pattern, thread period (+-4 %), rotation (+-1.5 deg), a smooth
+    displacement field (threads are not perfectly straight, up to ~0.1 period), brightness
+    (+-5 %), per-thread brightness, and fibre noise along each thread. The random phase and
+    rotation mean no pixel sees the same part of the pattern in every image: a per-pixel
+    model (the mean image) learns little, while a shift-invariant patch model (PatchCore)
+    still sees only normal patches.
     """
     y, x = _grid(size)
-    period = size / 10.5 * rng.uniform(0.98, 1.02)     # ~12 px at 128 px
-    angle = np.deg2rad(rng.uniform(-0.7, 0.7))
-    wobble = 0.05 * period
+    period = size / 10.5 * rng.uniform(0.96, 1.04)     # ~12 px at 128 px
+    angle = np.deg2rad(rng.uniform(-1.5, 1.5))
+    wobble = 0.08 * period
     u, v = _rotate(x, y, angle)
     u = u + rng.uniform(0, 2 * period) + wobble * _smooth_noise(rng, size, period)
     v = v + rng.uniform(0, 2 * period) + wobble * _smooth_noise(rng, size, period)
@@ -254,7 +267,7 @@ def texture_weave(rng: np.random.Generator, size: int) -> Array:
     fibre_warp /= fibre_warp.std() + 1e-8
     fibre_weft /= fibre_weft.std() + 1e-8
 
-    base = np.array([0.72, 0.62, 0.45]) * rng.uniform(0.97, 1.03)   # linen, +-3 % brightness
+    base = np.array([0.72, 0.62, 0.45]) * rng.uniform(0.95, 1.05)   # linen, +-5 % brightness
     warp_colour, weft_colour = base * 1.0, base * np.array([0.93, 0.95, 1.0])
     gap_colour = base * 0.55
 
@@ -426,8 +439,9 @@ def object_pins(rng: np.random.Generator, size: int) -> Scene:
     Each pin sits in a dark plated socket. This is the *logical* category: a normal
     board has all eight pins in their sockets, so a missing, an extra, or a misplaced
     pin is a defect even though every pin looks perfect on its own.
-    Returns a :class:`Scene` whose ``redraw(pins)`` draws the board with pins at
-    board coordinates ``pins`` (``[n, 2]``, (row, column) offsets in pixels).
+    Returns a :class:`Scene` whose ``redraw(pins, socket_points)`` draws the board with
+    pins at board coordinates ``pins`` (``[n, 2]``, (row, column) offsets in pixels) and,
+    optionally, sockets at ``socket_points`` (same form; default: the eight normal ones).
     """
     y, x = _grid(size)
     centre = size / 2 + rng.uniform(-0.03, 0.03, 2) * size
@@ -457,14 +471,24 @@ def object_pins(rng: np.random.Generator, size: int) -> Scene:
     board = _blend(board, [0.92, 0.93, 0.90], 0.9 * _coverage(frame_d))
     dot_d = np.hypot(b_u - (cols[0] - 0.55 * spacing), b_v - (rows[0] - 0.55 * spacing)) - 0.015 * size
     board = _blend(board, [0.92, 0.93, 0.90], 0.9 * _coverage(dot_d))
-    # sockets: a plated ring with a dark bore, visible only where a pin is missing
-    r = np.min([np.hypot(b_u - su, b_v - sv) for sv, su in sockets], axis=0)
-    board = _blend(board, [0.55, 0.50, 0.38], _coverage(r - 1.3 * radius))
-    board = _blend(board, [0.05, 0.05, 0.05], _coverage(r - 0.55 * radius))
+
+    def add_sockets(image: Array, points: Array,
+                    where: Array | float = 1.0) -> tuple[Array, Array]:
+        """Draw sockets (a plated ring with a dark bore, visible only where a pin is missing)
+        at board coordinates ``points``; returns the image and the sockets' alpha."""
+        r = np.min([np.hypot(b_u - su, b_v - sv) for sv, su in points], axis=0)
+        ring = _coverage(r - 1.3 * radius) * where
+        image = _blend(image, [0.55, 0.50, 0.38], ring)
+        return _blend(image, [0.05, 0.05, 0.05], _coverage(r - 0.55 * radius) * where), ring
 
     background = _background(rng, size, np.array([0.80, 0.82, 0.85]) + rng.uniform(-0.02, 0.02),
                              board_alpha, 0.015 * size)
-    scene = _blend(background, board, board_alpha)
+
+    def render(socket_points: Array) -> Array:
+        """The board with sockets at ``socket_points`` (no pins) on the background."""
+        return _blend(background, add_sockets(board, socket_points)[0], board_alpha)
+
+    scene = render(sockets)
     light = np.deg2rad(225 + rng.uniform(-15, 15))
 
     def to_image(points: Array) -> list[tuple[float, float]]:
@@ -472,13 +496,15 @@ def object_pins(rng: np.random.Generator, size: int) -> Scene:
         iu, iv = _rotate(points[:, 1], points[:, 0], angle)
         return list(zip(iv + centre[0], iu + centre[1]))
 
-    def redraw(pins: Array = sockets) -> Array:
+    def redraw(pins: Array = sockets, socket_points: Array | None = None) -> Array:
+        base = scene if socket_points is None else render(np.asarray(socket_points, np.float64))
         colour, alpha = _pin_layer(size, to_image(np.asarray(pins, np.float64)), radius, light)
-        return np.clip(_blend(scene, colour, alpha), 0, 1)
+        return np.clip(_blend(base, colour, alpha), 0, 1)
 
     params = dict(sockets=sockets, radius=radius, spacing=spacing, half_h=half_h,
                   half_w=half_w, to_image=to_image, pin_alpha=lambda pins: _pin_layer(
-                      size, to_image(np.asarray(pins, np.float64)), radius, light)[1])
+                      size, to_image(np.asarray(pins, np.float64)), radius, light)[1],
+                  socket_alpha=lambda points: add_sockets(board, points, board_alpha)[1])
     board_inside = (board_alpha >= 1.0)
     return Scene(image=redraw(), allowed=board_inside, params=params, redraw=redraw)
 
@@ -495,15 +521,17 @@ def _restrict(alpha: Array, allowed: Array | None) -> Array:
 def defect_scratch(scene: Scene, rng: np.random.Generator) -> tuple[Array, Array]:
     """A scratch: a thin, gently curved line, lighter or darker than the surface.
 
-    Length 8-45 % of the image (log-uniform), width 1.2-3 px at 128 px (scaled with the
-    image), opacity 0.45-1.0: from a faint hairline to an obvious gouge. Mostly light on a
-    dark surface and dark on a light one (one time in five the other way round).
+    Length 5-45 % of the image (log-uniform: short ones as likely as long ones), width
+    0.8-3 px at 128 px (scaled with the image), opacity 0.35-1.0 (log-uniform): from a short,
+    faint hairline barely above the surface's own variation to an obvious gouge, as in
+    MVTec AD. Mostly light on a dark surface and dark on a light one (one time in five the
+    other way round).
     """
     size = scene.image.shape[0]
     scale = size / 128
-    length = _loguniform(rng, 0.08, 0.45) * size
-    half_width = rng.uniform(0.6, 1.5) * scale
-    start = _pick_point(rng, scene.allowed, size)
+    length = _loguniform(rng, 0.05, 0.45) * size
+    half_width = rng.uniform(0.4, 1.5) * scale
+    start = _pick_point(rng, scene.allowed, size, margin=EDGE_MARGIN * size)
     curve = _random_curve(rng, start, length, bend=0.12)
     curve -= (curve[len(curve) // 2] - curve[0])      # centre the curve on the picked point
     alpha = _restrict(_coverage(_segment_distance(size, curve) - half_width), scene.allowed)
@@ -511,7 +539,7 @@ def defect_scratch(scene: Scene, rng: np.random.Generator) -> tuple[Array, Array
     under = float((scene.image.mean(-1) * alpha).sum() / max(alpha.sum(), 1e-6))
     light = (under < 0.5) != (rng.uniform() < 0.2)
     colour = [0.95, 0.95, 0.93] if light else [0.06, 0.05, 0.05]
-    strength = rng.uniform(0.45, 1.0)
+    strength = _loguniform(rng, 0.35, 1.0)
     return _blend(scene.image, colour, strength * alpha), alpha > 0
 
 
@@ -519,51 +547,54 @@ def defect_crack(scene: Scene, rng: np.random.Generator) -> tuple[Array, Array]:
     """A crack: a dark, jagged line with a side branch half the time.
 
     Built like a scratch but with sharper turns (a rougher walk); dark (the inside of the
-    crack is in shadow), opacity 0.6-1.0, length 8-50 % of the image.
+    crack is in shadow), opacity 0.25-1.0 (log-uniform), length 5-50 % of the image
+    (log-uniform), width 0.8-3 px at 128 px: from a short hairline crack that is barely
+    darker than the stone's dark grains to an obvious split.
     """
     size = scene.image.shape[0]
     scale = size / 128
-    length = _loguniform(rng, 0.08, 0.5) * size
-    start = _pick_point(rng, scene.allowed, size)
+    length = _loguniform(rng, 0.05, 0.5) * size
+    start = _pick_point(rng, scene.allowed, size, margin=EDGE_MARGIN * size)
     curve = _random_curve(rng, start, length, bend=0.45, n=20)
-    distance = _segment_distance(size, curve) - rng.uniform(0.6, 1.5) * scale
+    distance = _segment_distance(size, curve) - rng.uniform(0.4, 1.5) * scale
     if rng.uniform() < 0.5:
         branch = _random_curve(rng, tuple(curve[rng.integers(4, 16)]), 0.4 * length, bend=0.5, n=8)
         distance = np.minimum(distance, _segment_distance(size, branch) - 0.5 * scale)
     alpha = _restrict(_coverage(distance), scene.allowed)
-    strength = rng.uniform(0.6, 1.0)
+    strength = _loguniform(rng, 0.25, 1.0)
     return _blend(scene.image, [0.06, 0.05, 0.05], strength * alpha), alpha > 0
 
 
 def defect_hole(scene: Scene, rng: np.random.Generator) -> tuple[Array, Array]:
     """A hole: missing material with a ragged outline, through which the dark background shows.
 
-    Radius 2.5-14 % of the image (log-uniform: many small holes, some large), a darker
-    rim inside the edge, opacity 0.6-1.0.
+    Radius 1.5-14 % of the image (log-uniform: many small holes of a few pixels, some
+    large ones), a darker rim inside the edge, opacity 0.4-1.0 (a shallow pit to a hole
+    right through).
     """
     size = scene.image.shape[0]
-    radius = max(_loguniform(rng, 0.025, 0.14) * size, 1.5)
-    centre = _pick_point(rng, scene.allowed, size)
+    radius = max(_loguniform(rng, 0.015, 0.14) * size, 1.5)
+    centre = _pick_point(rng, scene.allowed, size, margin=EDGE_MARGIN * size)
     d = _blob_distance(size, centre, radius, rng, roughness=0.6,
                        aspect=rng.uniform(0.7, 1.4), angle=rng.uniform(0, np.pi))
     alpha = _restrict(_coverage(d), scene.allowed)
     depth = np.clip(-d / max(radius, 1.0), 0, 1)          # 0 at the edge, 1 at the centre
     inside = np.array([0.10, 0.09, 0.08]) * (1.4 - 0.8 * depth)[..., None]
-    strength = rng.uniform(0.6, 1.0)
+    strength = rng.uniform(0.4, 1.0)
     return _blend(scene.image, inside, strength * alpha), alpha > 0
 
 
 def defect_chip(scene: Scene, rng: np.random.Generator) -> tuple[Array, Array]:
     """A chip (missing material) broken out of the nut's outer or inner edge.
 
-    An irregular disc of radius 3-13 % of the image centred on the edge is cut out of the
-    nut: the background shows through, and a dark, rough band along the break (the
-    sloped fracture face, 1.5 px or a third of the radius wide) remains. The mask is the
-    changed part of the nut (disc & nut).
+    An irregular disc of radius 2-13 % of the image (log-uniform: small nicks as likely as
+    large bites) centred on the edge is cut out of the nut: the background shows through,
+    and a dark, rough band along the break (the sloped fracture face, 1.5 px or a third of
+    the radius wide) remains. The mask is the changed part of the nut (disc & nut).
     """
     size = scene.image.shape[0]
     p = scene.params
-    radius = max(_loguniform(rng, 0.03, 0.13) * size, 2.0)
+    radius = max(_loguniform(rng, 0.02, 0.13) * size, 2.0)
     if rng.uniform() < 0.75:                          # outer edge: a point on the hexagon
         k = rng.integers(6)
         t = rng.uniform(-0.8, 0.8)
@@ -590,13 +621,17 @@ def defect_chip(scene: Scene, rng: np.random.Generator) -> tuple[Array, Array]:
 def defect_stain(scene: Scene, rng: np.random.Generator) -> tuple[Array, Array]:
     """A colour stain (contamination): a translucent, irregular blot of oil, rust or ink.
 
-    Radius 5-20 % of the image, the tint varies smoothly inside the blot, opacity 0.45-0.9
-    (times 0.5-1 inside the blot): from a faint discolouration to an obvious blot. The
-    colour is drawn among those that differ from the surface under the stain.
+    Radius 4-20 % of the image (log-uniform), the tint varies smoothly inside the blot,
+    opacity 0.4-0.9 (times 0.5-1 inside the blot): from a small, faint discolouration to an
+    obvious blot. Two kinds, as on real parts: two thirds are a foreign colour (rust, oil, ink,
+    residue: one that differs from the surface under the stain); the other third are
+    a water or grease mark in the surface's own hue, 30-50 % darker or lighter (opacity
+    0.5-0.9), which
+    stays within the colours a normal image shows elsewhere.
     """
     size = scene.image.shape[0]
-    radius = max(_loguniform(rng, 0.05, 0.2) * size, 2.0)
-    centre = _pick_point(rng, scene.allowed, size)
+    radius = max(_loguniform(rng, 0.04, 0.2) * size, 2.0)
+    centre = _pick_point(rng, scene.allowed, size, margin=EDGE_MARGIN * size)
     d = _blob_distance(size, centre, radius, rng, roughness=0.8,
                        aspect=rng.uniform(0.6, 1.6), angle=rng.uniform(0, np.pi))
     alpha = _restrict(_coverage(d), scene.allowed)
@@ -611,7 +646,11 @@ def defect_stain(scene: Scene, rng: np.random.Generator) -> tuple[Array, Array]:
     far = np.flatnonzero(np.linalg.norm(palette - under, axis=1) > 0.35)
     colour = palette[rng.choice(far)] if len(far) else palette[np.argmax(
         np.linalg.norm(palette - under, axis=1))]
-    strength = rng.uniform(0.45, 0.9)
+    strength = rng.uniform(0.4, 0.9)
+    if rng.uniform() < 1 / 3:                  # a mark in the surface's own hue
+        factor = rng.uniform(0.5, 0.7) if rng.uniform() < 0.6 else rng.uniform(1.3, 1.5)
+        colour = np.clip(under * factor, 0, 1)
+        strength = rng.uniform(0.5, 0.9)
     variation = 0.75 + 0.25 * np.tanh(_smooth_noise(rng, size, max(radius / 3, 1.0)))
     return _blend(scene.image, colour, strength * variation * alpha), alpha > 0
 
@@ -635,14 +674,15 @@ def foreign_texture(rng: np.random.Generator, size: int) -> Array:
 
 def defect_foreign_patch(scene: Scene, rng: np.random.Generator) -> tuple[Array, Array]:
     """A foreign texture patch: a region where a different material shows (a mended or
-    glued-on piece, a label, debris). Radius 5-22 % of the image, opacity 0.55-1.0."""
+    glued-on piece, a label, debris). Radius 3-22 % of the image (log-uniform), opacity
+    0.35-1.0: from a small, half-transparent smudge to a large, opaque patch."""
     size = scene.image.shape[0]
-    radius = max(_loguniform(rng, 0.05, 0.22) * size, 2.0)
-    centre = _pick_point(rng, scene.allowed, size)
+    radius = max(_loguniform(rng, 0.03, 0.22) * size, 2.0)
+    centre = _pick_point(rng, scene.allowed, size, margin=EDGE_MARGIN * size)
     d = _blob_distance(size, centre, radius, rng, roughness=0.3,
                        aspect=rng.uniform(0.6, 1.6), angle=rng.uniform(0, np.pi))
     alpha = _restrict(_coverage(d), scene.allowed)
-    strength = rng.uniform(0.55, 1.0)
+    strength = rng.uniform(0.35, 1.0)
     return _blend(scene.image, foreign_texture(rng, size), strength * alpha), alpha > 0
 
 
@@ -667,36 +707,56 @@ def _free_spot(rng: np.random.Generator, scene: Scene, occupied: Array, min_gap:
 
 
 def defect_missing_pin(scene: Scene, rng: np.random.Generator) -> tuple[Array, Array]:
-    """Logical defect, wrong count: one of the eight pins is missing (its socket is empty).
+    """Logical defect, wrong count: one of the eight pins is missing.
 
-    The mask is where the pin should be (its disc)."""
-    pins = scene.params["sockets"]
+    One time in three its socket is empty (the dark bore shows: locally odd); two times in
+    three the socket is missing too (an unpopulated position), so the board there looks
+    like any bare stretch of board and only the layout (seven pins, a gap in the grid) is
+    wrong. The mask is where the pin should be (its disc, with its socket ring when the
+    socket is missing too)."""
+    p = scene.params
+    pins = p["sockets"]
     k = rng.integers(len(pins))
-    image = scene.redraw(np.delete(pins, k, axis=0))
-    return image, scene.params["pin_alpha"](pins[k:k + 1]) > 0
+    others = np.delete(pins, k, axis=0)
+    if rng.uniform() < 1 / 3:
+        return scene.redraw(others), p["pin_alpha"](pins[k:k + 1]) > 0
+    image = scene.redraw(others, socket_points=others)
+    return image, (p["socket_alpha"](pins[k:k + 1]) > 0) | (p["pin_alpha"](pins[k:k + 1]) > 0)
 
 
 def defect_extra_pin(scene: Scene, rng: np.random.Generator) -> tuple[Array, Array]:
-    """Logical defect, wrong count: a ninth pin lies somewhere on the board off the grid.
+    """Logical defect, wrong count: a ninth pin off the grid.
 
-    The mask is where the extra pin is (its disc)."""
+    Half the time it is a loose pin lying anywhere on the bare board (locally odd: no
+    socket around it). The other half it sits in a ninth socket of its own in a
+    plausible spot, inside the pin field at the centre of a 2 x 2 cell of pins (+-5 % of
+    the pin spacing): every patch looks like densely packed pins in sockets and only the
+    layout is wrong, a logical defect that a model of local appearance alone misses.
+    The mask is where the extra pin is (its disc, with its socket ring when it has one)."""
     p = scene.params
     pins = p["sockets"]
-    extra = _free_spot(rng, scene, pins, min_gap=2.8 * p["radius"])
-    image = scene.redraw(np.vstack([pins, extra]))
-    return image, p["pin_alpha"](extra[None]) > 0
+    if rng.uniform() < 0.5:
+        extra = _free_spot(rng, scene, pins, min_gap=2.8 * p["radius"])
+        image = scene.redraw(np.vstack([pins, extra]))
+        return image, p["pin_alpha"](extra[None]) > 0
+    j = rng.integers(PIN_COLS - 1)                    # between columns j and j + 1, rows 0 and 1
+    cell = pins[[j, j + 1, PIN_COLS + j, PIN_COLS + j + 1]].mean(0)
+    extra = cell + rng.uniform(-0.05, 0.05, 2) * p["spacing"]
+    image = scene.redraw(np.vstack([pins, extra]), socket_points=np.vstack([pins, extra]))
+    return image, (p["socket_alpha"](extra[None]) > 0) | (p["pin_alpha"](extra[None]) > 0)
 
 
 def defect_misplaced_pin(scene: Scene, rng: np.random.Generator) -> tuple[Array, Array]:
-    """Logical defect, wrong place: one pin is moved out of its socket by 0.35-1.3 pin
-    spacings (small moves are subtle: the pin still overlaps its socket).
+    """Logical defect, wrong place: one pin is moved out of its socket by 0.1-0.8 pin
+    spacings (2-15 px at 128 px). Small moves are subtle: the pin still covers most of its
+    socket and only a crescent of the bore shows; large ones leave the socket empty.
 
     The mask is where the pin should be and where it is (both discs)."""
     p = scene.params
     pins = p["sockets"]
     k = rng.integers(len(pins))
     others = np.delete(pins, k, axis=0)
-    reach = (0.35 * p["spacing"], 1.3 * p["spacing"])
+    reach = (0.1 * p["spacing"], 0.8 * p["spacing"])
     new = _free_spot(rng, scene, others, min_gap=2.2 * p["radius"], near=pins[k], reach=reach)
     moved = pins.copy()
     moved[k] = new
