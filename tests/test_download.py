@@ -124,13 +124,17 @@ def image_bytes(seed: int, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
+def add_files(tf: tarfile.TarFile, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+
+
 def make_tar(files: dict[str, bytes], mode: str = "w:gz") -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode=mode) as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
+        add_files(tf, files)
     return buf.getvalue()
 
 
@@ -560,10 +564,7 @@ def test_safe_extract_formats_and_links_inside(tmp_path, mode):
     else:
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode=mode) as tf:
-            for name, data in files.items():
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
+            add_files(tf, files)
             tf.addfile(_info("cat/alias", tarfile.SYMTYPE, "train/good/0.png"))
             tf.addfile(_info("cat/hard", tarfile.LNKTYPE, "cat/test/good/0.png"))
         archive = tmp_path / "a.tar"
