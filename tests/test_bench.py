@@ -52,3 +52,27 @@ def test_unknown_method_is_explained(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--methods", "nope"])
     assert "choose from" in capsys.readouterr().err
+
+
+def test_bench_on_a_real_style_folder_with_mixed_sizes_grayscale_and_no_masks(tmp_path, capsys):
+    """Real folders: images of varying sizes, grayscale ones, and no ground_truth/ at all."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    cat = tmp_path / "widget"
+    for split, n in [("train/good", 6), ("test/good", 3), ("test/dent", 3)]:
+        (cat / split).mkdir(parents=True)
+        for i in range(n):
+            h, w = [(70, 90), (64, 64), (100, 80)][i % 3]
+            pixels = rng.integers(90, 110, (h, w), dtype=np.uint8)
+            if split == "test/dent":
+                pixels[h // 3:h // 2, w // 3:w // 2] = 250
+            img = Image.fromarray(pixels)  # grayscale, converted to RGB by the loader
+            (img if i % 2 else img.convert("RGB")).save(cat / split / f"{i:03d}.png")
+    code = cli.main(["bench", "--methods", "naive", "--root", str(tmp_path), "--image-size", "64"])
+    table = capsys.readouterr().out
+    row = next(line for line in table.splitlines() if line.startswith("| naive | widget |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert code == 0
+    assert float(cells[2]) > 0.9                      # image AUROC: the bright dent is found
+    assert cells[5] == "n/a" and cells[8] == "n/a"    # pixel AUROC and AUPRO: no masks
