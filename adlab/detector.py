@@ -30,6 +30,13 @@ class Prediction:
                              f"{tuple(self.scores.shape)} and {tuple(self.maps.shape)}")
 
 
+def make_config(config_class, config=None, overrides=None):
+    """A detector's hyperparameters: the given config, or ``config_class(**overrides)``."""
+    if config is not None and overrides:
+        raise ValueError(f"Pass either a {config_class.__name__} or keyword overrides, not both.")
+    return config or config_class(**(overrides or {}))
+
+
 @runtime_checkable
 class Detector(Protocol):
     def fit(self, train) -> "Detector": ...

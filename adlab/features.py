@@ -188,11 +188,9 @@ class FeatureDetector:
 
     def __init__(self, config=None, **overrides):
         from adlab.config import device
+        from adlab.detector import make_config
 
-        if config is not None and overrides:
-            raise ValueError(f"Pass either a {self.Config.__name__} or keyword overrides, "
-                             "not both.")
-        self.config = config or self.Config(**overrides)
+        self.config = make_config(self.Config, config, overrides)
         self.device = device()
         self.extractor = None
 
