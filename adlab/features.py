@@ -10,7 +10,9 @@ The offline rule (see DESIGN.md): no machine here reaches a model hub. When
 pretrained weights are asked for but cannot be loaded, the extractor warns once
 (:class:`PretrainedWeightsWarning`) and falls back to a *seeded* random
 initialisation, so results stay reproducible. The quick profile asks for random
-weights in the first place (``adlab.config.profile().pretrained`` is False).
+weights in the first place (``adlab.config.profile().pretrained`` is False). Random
+initialisation keeps every residual block active (``zero_init_last=False``, see
+:func:`create_backbone`).
 
 Also here, because every feature-based detector needs them: :func:`smooth_map`
 (patch scores -> image-size anomaly map: bilinear upsampling + Gaussian blur,
@@ -102,6 +104,17 @@ def create_backbone(backbone: str, out_indices: tuple[int, ...], pretrained: boo
     so it is reproducible and leaves the caller's random state untouched. If
     ``pretrained`` weights cannot be loaded (offline), warns with
     :class:`PretrainedWeightsWarning` and falls back to that seeded random init.
+
+    Random init uses ``zero_init_last=False``. timm's ResNets default to
+    ``zero_init_last=True`` (huggingface/pytorch-image-models, ``timm/models/resnet.py``
+    in timm 1.0.31: the ``ResNet.__init__`` default at line 507, applied by
+    ``init_weights`` at lines 636-639: every residual block's last BatchNorm weight is
+    set to 0, the training trick of Goyal et al. 2017). Untrained, that makes each block the identity on its shortcut:
+    "layer1" is then the stem's output and "layer2" a single strided 1x1 convolution,
+    so a random-init extractor would have almost no depth. With ``False`` every
+    BatchNorm weight keeps its default 1. Pretrained loading is unaffected (the flag
+    is only passed here, and loaded weights would overwrite it anyway); architectures
+    without the flag (ViT, EfficientNet) are built as timm defines them.
     """
     timm = _timm()
     arch = backbone.split(".")[0]
@@ -120,8 +133,15 @@ def create_backbone(backbone: str, out_indices: tuple[int, ...], pretrained: boo
                 warnings.warn(_offline_message(weights, arch, exc), PretrainedWeightsWarning,
                               stacklevel=3)
         torch.manual_seed(seed)
-        model = timm.create_model(arch, pretrained=False, features_only=True,
-                                  out_indices=out_indices)
+        try:
+            model = timm.create_model(arch, pretrained=False, features_only=True,
+                                      out_indices=out_indices, zero_init_last=False)
+        except TypeError as exc:             # an architecture without residual zero-init
+            if "zero_init_last" not in str(exc):
+                raise
+            torch.manual_seed(seed)
+            model = timm.create_model(arch, pretrained=False, features_only=True,
+                                      out_indices=out_indices)
     return model, False
 
 

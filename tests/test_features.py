@@ -140,3 +140,37 @@ def test_images_of_rejects_wrong_input():
         images_of(torch.rand(3, 8, 8))
     with pytest.raises(ValueError, match="empty"):
         images_of(torch.rand(0, 3, 8, 8))
+
+
+def _residual_blocks(model):
+    return [m for m in model.modules() if hasattr(m, "zero_init_last")]
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "wide_resnet50_2"])
+def test_random_init_keeps_every_residual_block_active(backbone):
+    # timm's default zero_init_last=True zeroes each block's last BN weight, so an untrained
+    # block returns its shortcut: layer1 would equal the stem (max-pooled act1) exactly.
+    fe = FeatureExtractor(backbone, ("act1", "layer1"), pretrained=False, seed=0)
+    blocks = _residual_blocks(fe.model)
+    assert len(blocks) >= 2
+    for block in blocks:
+        last_bn = block.bn3 if hasattr(block, "bn3") else block.bn2
+        assert torch.all(last_bn.weight != 0)
+    stem, layer1 = fe(torch.rand(2, 3, 32, 32))
+    stem = torch.nn.functional.max_pool2d(stem, 3, stride=2, padding=1)
+    if stem.shape[1] == layer1.shape[1]:                 # resnet18: same width, compare values
+        assert (layer1 - stem).abs().mean() > 0.1 * stem.abs().mean()
+
+
+def test_zero_init_last_degenerates_layer1_to_the_stem():
+    # The failure mode the test above guards against, shown on timm's default init.
+    ref = timm.create_model("resnet18", pretrained=False, features_only=True, out_indices=(0, 1))
+    ref.eval()
+    with torch.no_grad():
+        stem, layer1 = ref(torch.rand(2, 3, 32, 32))
+    torch.testing.assert_close(layer1, torch.nn.functional.max_pool2d(stem, 3, stride=2, padding=1))
+
+
+def test_random_init_of_an_architecture_without_zero_init_last():
+    fe = FeatureExtractor("efficientnet_b0", (1, 2), pretrained=False, seed=0)
+    assert [f.shape[1] for f in fe(torch.rand(1, 3, 32, 32))] == fe.channels
