@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
-from adlab.data.mvtec import (ADDataset, IMAGENET_MEAN, IMAGENET_STD, list_categories,
-                              load_dataset, load_image, normalize)
+from adlab.data import mvtec
+from adlab.data.mvtec import (ADDataset, IMAGENET_MEAN, IMAGENET_STD, DatasetError,
+                              list_categories, load_dataset, load_image, normalize)
 
 SIZE = 16  # native side of the images written here
 
@@ -155,13 +156,13 @@ def test_val_needs_a_fraction_and_valid_values(root):
 
 def test_missing_root_names_the_folder(tmp_path):
     missing = tmp_path / "nowhere"
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(DatasetError, match="nowhere"):
         load_dataset("widget", root=missing, image_size=4)
 
 
 def test_missing_category_lists_the_existing_ones(root):
     make_category(root, name="gadget")
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(DatasetError) as err:
         load_dataset("carpet", root=root, image_size=4)
     message = str(err.value)
     assert "carpet" in message and "gadget" in message and "widget" in message
@@ -170,7 +171,7 @@ def test_missing_category_lists_the_existing_ones(root):
 def test_empty_train_folder_names_the_folder(tmp_path):
     folder = make_category(tmp_path, n_train=0)
     (folder / "train" / "good" / "readme.txt").write_text("no images here")
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(DatasetError) as err:
         load_dataset("widget", "train", root=tmp_path, image_size=4)
     assert str(folder / "train" / "good") in str(err.value)
 
@@ -178,7 +179,7 @@ def test_empty_train_folder_names_the_folder(tmp_path):
 def test_defect_image_without_its_mask_names_the_file(root):
     missing = root / "widget" / "ground_truth" / "crack" / "001_mask.png"
     missing.unlink()
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(DatasetError) as err:
         load_dataset("widget", "test", root=root, image_size=4)
     assert str(root / "widget" / "test" / "crack" / "001.png") in str(err.value)
     assert "001_mask.png" in str(err.value)
@@ -187,7 +188,7 @@ def test_defect_image_without_its_mask_names_the_file(root):
 def test_mask_of_another_size_names_the_files(root):
     mask = root / "widget" / "ground_truth" / "hole" / "000_mask.png"
     left_half_mask(size=12).save(mask)
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(DatasetError) as err:
         load_dataset("widget", "test", root=root, image_size=4)
     assert str(mask) in str(err.value) and "000.png" in str(err.value)
 
@@ -195,7 +196,7 @@ def test_mask_of_another_size_names_the_files(root):
 def test_corrupt_image_names_the_file(root):
     bad = root / "widget" / "train" / "good" / "002.png"
     bad.write_bytes(b"this is not a png at all")
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(DatasetError) as err:
         load_dataset("widget", "train", root=root, image_size=4)
     assert str(bad) in str(err.value) and "re-download" in str(err.value)
 
@@ -206,14 +207,73 @@ def test_truncated_image_names_the_file(root):
     noisy.save(bad)
     data = bad.read_bytes()
     bad.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(DatasetError) as err:
         load_dataset("widget", "test", root=root, image_size=4)
     assert str(bad) in str(err.value)
 
 
 def test_missing_image_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.png"):
+    with pytest.raises(DatasetError, match="nope.png"):
         load_image(tmp_path / "nope.png", 4)
+
+
+def test_root_that_is_a_file_empty_or_a_category_folder(root, tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    with pytest.raises(DatasetError, match="is a file, not a folder"):
+        list_categories(a_file)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetError, match="No categories under") as err:
+        list_categories(empty)
+    assert str(empty) in str(err.value)
+    with pytest.raises(DatasetError, match="is a category folder") as err:
+        load_dataset("widget", root=root / "widget", image_size=4)
+    assert f"parent {root} as the root and 'widget'" in str(err.value)
+
+
+def _big_png(path: Path, width: int, height: int) -> None:
+    """A valid 1-bit black PNG of ``width x height`` (tiny on disk: rows of zeros compress well)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    row = bytes(1 + (width + 7) // 8)  # filter byte 0 and the packed 1-bit pixels
+    packer = zlib.compressobj(9)
+    data = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit grayscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data)
+                     + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_refused_before_decoding(root, monkeypatch):
+    bomb = root / "widget" / "train" / "good" / "003.png"
+    _big_png(bomb, 13370, 13370)
+    with pytest.warns(Image.DecompressionBombWarning):  # Pillow alone only warns
+        assert Image.open(bomb).size == (13370, 13370) and bomb.stat().st_size < 1_000_000
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load",
+                        lambda self: decoded.append(self.size) or real_load(self))
+    with pytest.raises(DatasetError) as err:
+        load_dataset("widget", "train", root=root, image_size=4)
+    message = str(err.value)
+    assert str(bomb) in message and "13370 x 13370" in message and "40,000,000" in message
+    assert (13370, 13370) not in decoded
+
+
+def test_pixel_limit_admits_real_dataset_sizes(tmp_path, monkeypatch):
+    """MVTec AD (1024 x 1024) and VisA (about 1500 x 1000) images pass; one pixel over fails."""
+    assert 1024 * 1024 <= mvtec.MAX_IMAGE_PIXELS and 1562 * 1000 <= mvtec.MAX_IMAGE_PIXELS
+    monkeypatch.setattr(mvtec, "MAX_IMAGE_PIXELS", 300)
+    gray(7, size=(20, 15)).save(tmp_path / "ok.png")
+    assert load_image(tmp_path / "ok.png").shape == (3, 15, 20)
+    gray(7, size=(301, 1)).save(tmp_path / "over.png")
+    with pytest.raises(DatasetError, match="301 x 1 pixels"):
+        load_image(tmp_path / "over.png")
 
 
 # --------------------------------------------------------------------------- conversions

@@ -18,6 +18,11 @@ A validation split is drawn at random (seeded) from the *training* images and
 removed from ``train``; never from test and never a sorted cut (real datasets are
 sorted by capture session, so a sorted cut would validate on a session the model
 never saw).
+
+Every problem a user can cause with the files (a missing folder or mask, a corrupt,
+truncated or oversized image, a mask of the wrong size) raises :class:`DatasetError`
+with one line naming the file and the fix, so ``python -m adlab bench`` can tell
+them from bugs.
 """
 from __future__ import annotations
 
@@ -36,6 +41,16 @@ from adlab import config
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "val", "test")
 GOOD = "good"
+
+# Images above this many pixels are refused before decoding (decompression bombs: a
+# 13370 x 13370 PNG of a few hundred KB decodes to gigabytes). Pillow's own guard
+# (Image.MAX_IMAGE_PIXELS, ~89 MP) only warns below twice its limit. 40 MP is about 40x an
+# MVTec AD image (1024 x 1024) and 25x a VisA image (about 1500 x 1000).
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+class DatasetError(ValueError):
+    """A problem with the dataset's files that the user can fix (the message says how)."""
 
 # ImageNet channel statistics used by every pretrained timm / torchvision backbone.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -81,18 +96,32 @@ def _list_images(folder: Path) -> list[Path]:
 
 
 def _open(path: Path) -> Image.Image:
-    """Open and fully decode an image; any Pillow failure becomes a ValueError naming the file."""
+    """Open and fully decode an image; any Pillow failure becomes a DatasetError naming the file.
+
+    The size in the header is checked against :data:`MAX_IMAGE_PIXELS` before decoding.
+    """
+    if not path.is_file():
+        raise DatasetError(f"The image file {path} does not exist.")
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.copy()
-    except FileNotFoundError:
-        raise
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we check below
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height <= MAX_IMAGE_PIXELS:
+                    img.load()
+                    return img.copy()
+    except Image.DecompressionBombError:
+        width, height = None, None
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, zlib errors ...
-        raise ValueError(
+        raise DatasetError(
             f"Could not read the image {path} ({type(err).__name__}: {err}). The file is "
             "corrupt or truncated: re-download the dataset (or re-save this file as PNG), "
             "or delete the file.") from err
+    size = f"{width} x {height} pixels" if width else "larger than Pillow's own limit"
+    raise DatasetError(
+        f"The image {path} is {size}, over adlab's limit of {MAX_IMAGE_PIXELS:,} pixels "
+        "(adlab.data.mvtec.MAX_IMAGE_PIXELS; a guard against decompression bombs). Resize the "
+        "image, or delete the file if it does not belong to the dataset.")
 
 
 def _to_array(img: Image.Image) -> np.ndarray:
@@ -136,12 +165,9 @@ def load_image(path, size: int | None = None) -> torch.Tensor:
     """Read one image as ``float32 [3, size, size]`` in [0, 1] (bilinear, antialiased).
 
     ``size=None`` keeps the native size. Grayscale / RGBA / palette / 16-bit images are
-    converted to RGB; an unreadable file raises a ValueError naming it.
+    converted to RGB; a missing, unreadable or oversized file raises a DatasetError naming it.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"Image file {path} does not exist.")
-    image = _read_image(path)
+    image = _read_image(Path(path))
     return image if size is None else _resize(image, size, "bilinear")
 
 
@@ -164,28 +190,45 @@ def _resolve_root(root) -> Path:
         path = Path(ensure_synthetic())
     else:
         path = config.data_root()
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"The dataset root {path} does not exist. Pass root= the folder that holds the "
+    if not path.exists():
+        raise DatasetError(
+            f"The dataset root {path} does not exist. Pass as root the folder that holds the "
             "category folders (e.g. .../mvtec_anomaly_detection), or set ADLAB_DATA.")
+    if not path.is_dir():
+        raise DatasetError(
+            f"The dataset root {path} is a file, not a folder. Pass as root the folder that "
+            "holds the category folders (e.g. .../mvtec_anomaly_detection).")
+    if (path / "train" / GOOD).is_dir():
+        raise DatasetError(
+            f"The dataset root {path} is a category folder (it holds train/good/). Use its "
+            f"parent {path.parent} as the root and {path.name!r} as the category.")
     return path
 
 
 def list_categories(root=None) -> list[str]:
-    """The categories under ``root``: sub-folders that contain ``train/good``."""
+    """The categories under ``root``: sub-folders that contain ``train/good``.
+
+    A root without any raises a DatasetError (an empty or wrong folder).
+    """
     root = _resolve_root(root)
-    return sorted(p.name for p in root.iterdir() if (p / "train" / GOOD).is_dir())
+    found = sorted(p.name for p in root.iterdir() if (p / "train" / GOOD).is_dir())
+    if not found:
+        raise DatasetError(
+            f"No categories under the dataset root {root}: expected <category>/train/good/ "
+            "folders of images. Pass the folder that holds the category folders, or check that "
+            "the dataset finished downloading and unpacking.")
+    return found
 
 
 def _category_dir(root: Path, category: str) -> Path:
-    """``root/category``, or a FileNotFoundError that lists the categories that exist."""
+    """``root/category``, or a DatasetError that lists the categories that exist."""
     folder = root / category
     if not folder.is_dir():
-        found = list_categories(root)
+        found = sorted(p.name for p in root.iterdir() if (p / "train" / GOOD).is_dir())
         nested = sorted(p.parent.name for p in root.glob(f"*/{category}") if p.is_dir())
         hint = (f" It exists one level down: use category='{nested[0]}/{category}' or "
                 f"root='{root / nested[0]}'." if nested else "")
-        raise FileNotFoundError(
+        raise DatasetError(
             f"Category {category!r} not found: {folder} does not exist. Categories under "
             f"{root}: {', '.join(found) if found else 'none (is this the right root?)'}.{hint}")
     return folder
@@ -194,12 +237,12 @@ def _category_dir(root: Path, category: str) -> Path:
 def _images_in(folder: Path) -> list[Path]:
     """The images of a split folder, or a clear error when it is missing or empty."""
     if not folder.is_dir():
-        raise FileNotFoundError(
+        raise DatasetError(
             f"{folder} does not exist. The MVTec layout needs <category>/train/good/ and "
             "<category>/test/<good|defect>/ folders of images.")
     paths = _list_images(folder)
     if not paths:
-        raise ValueError(
+        raise DatasetError(
             f"No images in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)}). Put the "
             "images there, or check that the dataset finished downloading and unpacking.")
     return paths
@@ -216,7 +259,7 @@ def _val_indices(n: int, val_fraction: float, seed: int) -> list[int]:
         return []
     n_val = min(max(1, round(val_fraction * n)), n - 1)
     if n_val < 1:
-        raise ValueError(f"Cannot split {n} training image(s) into train and val; "
+        raise DatasetError(f"Cannot split {n} training image(s) into train and val; "
                          "use val_fraction=0 or add training images.")
     generator = torch.Generator().manual_seed(seed)
     return sorted(torch.randperm(n, generator=generator)[:n_val].tolist())
@@ -237,13 +280,13 @@ def _test_files(folder: Path) -> list[tuple[Path, str]]:
     """``(path, defect)`` pairs of the test split: ``good`` first, then defects by name."""
     test = folder / "test"
     if not test.is_dir():
-        raise FileNotFoundError(f"{test} does not exist. The MVTec layout needs "
+        raise DatasetError(f"{test} does not exist. The MVTec layout needs "
                                 "<category>/test/good/ and <category>/test/<defect>/ folders.")
     kinds = sorted((d.name for d in test.iterdir() if d.is_dir() and not d.name.startswith(".")),
                    key=lambda name: (name != GOOD, name))
     pairs = [(p, kind) for kind in kinds for p in _list_images(test / kind)]
     if not pairs:
-        raise ValueError(f"No images in any folder of {test}; expected test/good/ and "
+        raise DatasetError(f"No images in any folder of {test}; expected test/good/ and "
                          "test/<defect>/ folders of images.")
     return pairs
 
@@ -253,7 +296,7 @@ def _mask_path(gt_dir: Path, image: Path) -> Path:
     for candidate in sorted(gt_dir.glob(f"{image.stem}_mask.*")):
         if _is_image(candidate):
             return candidate
-    raise FileNotFoundError(
+    raise DatasetError(
         f"The defect image {image} has no mask: expected {gt_dir / (image.stem + '_mask.png')}. "
         "Add the mask, remove the image, or delete the whole ground_truth/ folder to use "
         "the category image-level only.")
@@ -283,7 +326,7 @@ def _load_pair(image_path: Path, mask_path: Path | None, size: int):
         return _resize(image, size, "bilinear"), torch.zeros(size, size)
     mask = _read_mask(mask_path)
     if mask.shape[-2:] != image.shape[-2:]:
-        raise ValueError(
+        raise DatasetError(
             f"The mask {mask_path} is {mask.shape[-1]}x{mask.shape[-2]} but its image "
             f"{image_path} is {image.shape[-1]}x{image.shape[-2]} (width x height). Masks must "
             "have their image's size: re-export the mask at that size.")
@@ -341,7 +384,7 @@ def load_dataset(category: str, split: str = "train", root=None, image_size: int
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}.")
-    size = int(image_size or config.profile().image_size)
+    size = config.profile().image_size if image_size is None else int(image_size)
     if size < 1:
         raise ValueError(f"image_size must be a positive integer; got {image_size}.")
     root = _resolve_root(root)
