@@ -113,11 +113,40 @@ def plot_score_histogram(ax, labels, scores, threshold: float | None = None, bin
     return ax
 
 
+def interactive_figure(fn, **controls):
+    """Sliders that redraw ``fn``'s figure live, and a static figure when outputs are recorded.
+
+    ``fn(**values)`` draws one figure and calls ``plt.show()``; ``controls`` are what
+    ``ipywidgets.interactive`` takes (widgets, ``(min, max, step)`` tuples, ``fixed``).
+    Live (JupyterLab) this returns ``ipywidgets.interactive(fn, **controls)``: the last
+    expression of a cell displays it, and moving a slider calls ``fn`` again.
+    When outputs are recorded without a frontend (:func:`adlab.progress.static_output`)
+    a widget would be stored as dead text (``interactive(...)``), and the figure it draws
+    would be hidden inside the widget's state. So there ``fn`` is called once with the
+    controls' default values, as a plain figure, followed by one line naming those values;
+    nothing is returned.
+    """
+    import ipywidgets
+
+    from adlab.progress import static_output
+
+    if not static_output():
+        return ipywidgets.interactive(fn, **controls)
+    # manual=True builds the widgets from the abbreviations without calling fn
+    ui = ipywidgets.interactive(fn, {"manual": True}, **controls)
+    values = {w._kwarg: w.get_interact_value() for w in ui.kwargs_widgets}  # _kwarg: fn's argument
+    fn(**values)
+    shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in values.items() if not isinstance(controls.get(k), ipywidgets.fixed))
+    print(f"(static view: {shown}; run the notebook to move the sliders)")
+
+
 def explorer(dataset, prediction):
     """Browse test images, move the threshold, and see the predicted region against the mask.
 
     ``dataset`` is an ADDataset (test split), ``prediction`` its :class:`adlab.Prediction`.
-    Returns the ipywidgets box (the last expression of a cell displays it).
+    Returns the sliders and figure of :func:`interactive_figure` (the last expression of a
+    cell displays them); when outputs are recorded headless, draws the default view instead.
     """
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
@@ -125,32 +154,26 @@ def explorer(dataset, prediction):
     maps = _np(prediction.maps)
     scores = _np(prediction.scores)
     lo, hi = float(np.quantile(maps, 0.5)), float(maps.max())
-    index = widgets.IntSlider(0, 0, len(dataset) - 1, description="image")
-    threshold = widgets.FloatSlider(value=float(np.quantile(maps, 0.99)), min=lo, max=hi,
-                                    step=(hi - lo) / 200 or 1e-3, description="threshold",
-                                    readout_format=".3g")
-    out = widgets.Output()
 
-    def draw(*_):
-        i, thr = index.value, threshold.value
+    def draw(image, threshold):
+        i, thr = image, threshold
         mask = None if dataset.masks is None else _np(dataset.masks[i])
-        with out:
-            out.clear_output(wait=True)
-            fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.6), dpi=72)
-            overlay(axes[0], dataset.images[i], mask=mask,
-                    title=f"{dataset.defects[i]}  score {scores[i]:.3g}")
-            overlay(axes[1], dataset.images[i], maps[i], title="anomaly map")
-            predicted = maps[i] >= thr
-            axes[2].imshow(predicted, cmap="gray")
-            if mask is not None and mask.any():
-                axes[2].contour(mask, levels=[0.5], colors="red", linewidths=1)
-            if mask is not None:
-                inter, union = (predicted & (mask > 0)).sum(), (predicted | (mask > 0)).sum()
-                axes[2].set_title(f"map >= threshold  IoU {inter / max(union, 1):.2f}", fontsize=8)
-            axes[2].axis("off")
-            plt.show()
+        fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.6), dpi=72)
+        overlay(axes[0], dataset.images[i], mask=mask,
+                title=f"{dataset.defects[i]}  score {scores[i]:.3g}")
+        overlay(axes[1], dataset.images[i], maps[i], title="anomaly map")
+        predicted = maps[i] >= thr
+        axes[2].imshow(predicted, cmap="gray")
+        if mask is not None and mask.any():
+            axes[2].contour(mask, levels=[0.5], colors="red", linewidths=1)
+        if mask is not None:
+            inter, union = (predicted & (mask > 0)).sum(), (predicted | (mask > 0)).sum()
+            axes[2].set_title(f"map >= threshold  IoU {inter / max(union, 1):.2f}", fontsize=8)
+        axes[2].axis("off")
+        plt.show()
 
-    index.observe(draw, "value")
-    threshold.observe(draw, "value")
-    draw()
-    return widgets.VBox([widgets.HBox([index, threshold]), out])
+    return interactive_figure(
+        draw, image=widgets.IntSlider(0, 0, len(dataset) - 1, description="image"),
+        threshold=widgets.FloatSlider(value=float(np.quantile(maps, 0.99)), min=lo, max=hi,
+                                      step=(hi - lo) / 200 or 1e-3, description="threshold",
+                                      readout_format=".3g"))

@@ -264,8 +264,8 @@ def _eps(model: EpsModel, x: Tensor, t: int) -> Tensor:
 def _progress(it, progress: bool, desc: str):
     if not progress:
         return it
-    from tqdm.auto import tqdm
-    return tqdm(it, desc=desc, leave=False)
+    from adlab.progress import progress as bar  # a text line when outputs are recorded headless
+    return bar(it, desc=desc, leave=False)
 
 
 # --------------------------------------------------------------------------------------------
