@@ -1,19 +1,28 @@
-"""``python -m adlab bench ...``: the command-line entry point."""
+"""``python -m adlab bench | assign | grade ...``: the command-line entry point."""
 import sys
+
+USAGE = """usage: python -m adlab COMMAND ...
+
+  bench    fit and evaluate detectors, print a results table (python -m adlab bench --help)
+  assign   write student versions of notebooks: solutions stubbed, outputs cleared
+           (python -m adlab assign NOTEBOOK... --out DIR; needs pip install -e ".[teach]")
+  grade    run a notebook, print pass/FAIL and points per check cell and the total
+           (python -m adlab grade NOTEBOOK)"""
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m adlab bench [--methods ...] [--categories ...] [--root DIR] "
-              "[--csv PATH]\n\n  bench   fit and evaluate detectors, print a results table "
-              "(python -m adlab bench --help)")
+        print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "bench":
         from adlab.bench import main as bench_main
         return bench_main(rest)
-    print(f"unknown command {command!r}; try `python -m adlab bench --help`", file=sys.stderr)
+    if command in ("assign", "grade"):
+        from adlab import assign
+        return assign.assign_main(rest) if command == "assign" else assign.grade_main(rest)
+    print(f"unknown command {command!r}; try `python -m adlab --help`", file=sys.stderr)
     return 2
 
 
