@@ -3,8 +3,10 @@
     .venv/bin/python .ci/refresh_notebooks.py [notebooks/NN_name.ipynb ...]
 
 Outputs must come from executing the notebook as committed (DESIGN.md); GitHub refuses a
-notebook whose `metadata.widgets` lacks its state, so that key is removed. Prints each
-notebook's wall-clock time (the budget is 2 minutes, aim for 1).
+notebook whose `metadata.widgets` lacks its state, so that key is removed. Exercise and
+check cells get their nbgrader metadata from the solution markers
+(`adlab.assign.tag_notebook`). Prints each notebook's wall-clock time (the budget is 2
+minutes, aim for 1).
 """
 import os
 import sys
@@ -14,6 +16,8 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
+from adlab.assign import tag_notebook
+
 os.environ.pop("MPLBACKEND", None)  # the inline backend, so figures are saved
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("ADLAB_PROFILE", "quick")
@@ -21,7 +25,7 @@ os.environ["ADLAB_STATIC_OUTPUT"] = "1"  # bars end as text, explorers add a sta
 
 paths = [Path(p) for p in sys.argv[1:]] or sorted(Path("notebooks").glob("*.ipynb"))
 for path in paths:
-    nb = nbformat.read(path, as_version=4)
+    nb = tag_notebook(nbformat.read(path, as_version=4))  # before the run: a bad exercise stops it early
     t0 = time.perf_counter()
     NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(path.parent)}}).execute()
