@@ -1,9 +1,15 @@
 """Run detectors on a dataset and print one results table (``python -m adlab bench``).
 
 The same :func:`adlab.evaluate` the notebooks call, over every chosen method and
-category: a markdown table of every metric plus fit / predict seconds, and CSV
-with ``--csv``. Quick-profile numbers describe the synthetic data and small,
-randomly initialised models: they are not the papers' numbers.
+category: a markdown table of every metric plus fit / predict seconds, printed row by
+row as each run finishes and appended to a CSV file with ``--csv``, so a failure or
+Ctrl-C never loses the rows already computed. A category whose files are broken gets
+an error row and the others still run. Quick-profile numbers describe the synthetic
+data and small, randomly initialised models: they are not the papers' numbers.
+
+Exit codes: 0 every run finished; 2 bad arguments or dataset files (one line says which
+file and what to do; ``--debug`` adds the traceback); 1 a method raised something else
+(a bug: its traceback is printed); 130 interrupted.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import traceback
 from pathlib import Path
 
 from adlab.config import profile, seed_everything
+from adlab.data.mvtec import DatasetError
 
 # name -> "module:Class"; each class takes no required arguments (defaults from the profile).
 METHODS = {
@@ -37,19 +44,38 @@ def make_detector(name: str):
     return getattr(importlib.import_module(module), cls)()
 
 
-def run(methods, categories=None, root=None, image_size=None, seed=0, progress=True) -> list[dict]:
+def run(methods, categories=None, root=None, image_size=None, seed=0, progress=True,
+        on_record=None, debug=False) -> list[dict]:
     """Fit and evaluate each method on each category; one record per (method, category).
 
-    A method that fails on a category gets a record with its error, and the others still run.
+    A category whose files are broken, or a method that fails, gets a record with its
+    ``error`` and the others still run. ``on_record(record)`` is called as each record is
+    finished (the CLI prints it and appends it to the CSV, so nothing done is lost). A
+    failed record has ``error`` (its message) and ``user_error`` (True for a
+    :class:`DatasetError`, which the user can fix; False for anything else, a bug). With
+    ``progress``, errors are reported on stderr: one line for a DatasetError (its traceback
+    too with ``debug``), the traceback for anything else.
     """
     from adlab.data.mvtec import list_categories, load_dataset
     from adlab.detector import evaluate
 
     categories = list(categories or list_categories(root))
     records = []
+
+    def finish(record):
+        records.append(record)
+        if on_record is not None:
+            on_record(record)
+
     for category in categories:
-        train = load_dataset(category, "train", root=root, image_size=image_size)
-        test = load_dataset(category, "test", root=root, image_size=image_size)
+        try:
+            train = load_dataset(category, "train", root=root, image_size=image_size)
+            test = load_dataset(category, "test", root=root, image_size=image_size)
+        except Exception as exc:  # this category cannot run; the others still can
+            _report(exc, f"{category}: ", progress, debug)
+            for name in methods:
+                finish({"method": name, "category": category, **_failure(exc)})
+            continue
         for name in methods:
             record = {"method": name, "category": category}
             try:
@@ -61,15 +87,27 @@ def run(methods, categories=None, root=None, image_size=None, seed=0, progress=T
                 record.update(evaluate(detector, test))
                 record["ms_per_image"] = 1000 * record["predict_s"] / max(len(test), 1)
             except Exception as exc:  # keep the other results; report this one
-                record["error"] = f"{type(exc).__name__}: {exc}"
-                if progress:
-                    traceback.print_exc()
-            records.append(record)
-            if progress:
-                print(f"  {name:>10} / {category:<12} " + (
-                    record.get("error") or f"image AUROC {record['image_auroc']:.3f}"),
-                    file=sys.stderr, flush=True)
+                _report(exc, f"{name} / {category}: ", progress, debug)
+                record.update(_failure(exc))
+            finish(record)
     return records
+
+
+def _describe(exc: Exception) -> str:
+    """The error column: the message alone for a DatasetError, else the type and message."""
+    return str(exc) if isinstance(exc, DatasetError) else f"{type(exc).__name__}: {exc}"
+
+
+def _failure(exc: Exception) -> dict:
+    return {"error": _describe(exc), "user_error": isinstance(exc, DatasetError)}
+
+
+def _report(exc: Exception, where: str, progress: bool, debug: bool = False) -> None:
+    if not progress:
+        return
+    if debug or not isinstance(exc, DatasetError):
+        traceback.print_exception(exc)
+    print(f"error: {where}{_describe(exc)}", file=sys.stderr, flush=True)
 
 
 def _fmt(value) -> str:
@@ -80,29 +118,93 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def markdown_header(columns) -> str:
+    return "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
+
+
+def markdown_row(record: dict, columns) -> str:
+    return "| " + " | ".join(_fmt(record.get(c)) for c in columns) + " |"
+
+
 def markdown_table(records: list[dict], columns) -> str:
     """Records as a GitHub markdown table (NaN shown as n/a, e.g. pixel metrics without masks)."""
     if any("error" in r for r in records):
         columns = tuple(columns) + ("error",)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in records:
-        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
-    return "\n".join(lines)
+    return "\n".join([markdown_header(columns)] + [markdown_row(r, columns) for r in records])
+
+
+class CsvLog:
+    """Append records to a CSV file as they finish: the header is written once (new or empty
+    file), every row is flushed, so rows already computed survive a crash or Ctrl-C."""
+
+    def __init__(self, path: str | Path, columns):
+        self.path, self.columns = Path(path), list(columns)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a+", newline="")
+        self.file.seek(0)
+        header = next(csv.reader(self.file), None)
+        if header is not None and header != self.columns:
+            self.file.close()
+            raise ValueError(f"{self.path} already holds a table with other columns; pass a "
+                             "new file name to --csv.")
+        self.writer = csv.DictWriter(self.file, fieldnames=self.columns, extrasaction="ignore")
+        if header is None:
+            self.writer.writeheader()
+            self.file.flush()
+
+    def write(self, record: dict) -> None:
+        self.writer.writerow(record)
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def write_csv(records: list[dict], path: str | Path, columns) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(columns) + ["error"], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(records)
+    """Append ``records`` to the CSV at ``path`` (header written when the file is new)."""
+    log = CsvLog(path, list(columns) + ["error"])
+    for record in records:
+        log.write(record)
+    log.close()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of pixels, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number of pixels, got {value}")
+    return value
+
+
+def _parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """Parse and check the arguments; every mistake exits 2 with argparse's one message."""
+    args = parser.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not args.methods:
+        parser.error(f"--methods names no method; choose from {', '.join(METHODS)}")
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if args.csv is not None and Path(args.csv).is_dir():
+        parser.error(f"--csv {args.csv} is a folder; give a file name such as "
+                     f"{Path(args.csv) / 'results.csv'}")
+    if args.root is None and profile().synthetic:
+        from adlab.config import cache_dir
+        try:
+            cache_dir()  # the synthetic data are generated there
+        except PermissionError as exc:
+            parser.error(str(exc))
+    return args
 
 
 def main(argv=None) -> int:
+    """``python -m adlab bench``; returns the exit code (see the module docstring)."""
     parser = argparse.ArgumentParser(
         prog="python -m adlab bench",
-        description="Fit and evaluate detectors; print a markdown table of every metric.")
+        description="Fit and evaluate detectors; print a markdown table of every metric, row by "
+                    "row as each finishes.")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated, from: {', '.join(METHODS)} (default: all)")
     parser.add_argument("--categories", nargs="*", default=None,
@@ -110,27 +212,55 @@ def main(argv=None) -> int:
     parser.add_argument("--root", default=None,
                         help="an MVTec-layout folder (default: synthetic data in the quick "
                              "profile, $ADLAB_DATA in the paper profile)")
-    parser.add_argument("--image-size", type=int, default=None,
+    parser.add_argument("--image-size", type=_positive_int, default=None,
                         help="square image side (default: the profile's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--csv", default=None, help="also write the table as CSV to this path")
+    parser.add_argument("--csv", default=None,
+                        help="also append each row to this CSV file as it finishes (the header "
+                             "is written when the file is new)")
     parser.add_argument("--time", action="store_true",
                         help="show only the timing columns (fit, predict, ms per image)")
-    args = parser.parse_args(argv)
-
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of dataset errors too")
+    args = _parse(parser, argv)
     prof = profile()
-    print(f"adlab bench: profile {prof.name}, methods {', '.join(methods)}", file=sys.stderr)
-    records = run(methods, args.categories, args.root, args.image_size, args.seed)
-    columns = ("method", "category") + ((TIMES) if args.time else METRICS + TIMES)
-    print(markdown_table(records, columns))
+    print(f"adlab bench: profile {prof.name}, methods {', '.join(args.methods)}", file=sys.stderr)
+    from adlab.data.mvtec import list_categories
+    try:
+        found = list_categories(args.root)  # checks the root; a missing category fails alone
+    except DatasetError as exc:
+        _report(exc, "", True, args.debug)
+        return 2
+    try:
+        log = CsvLog(args.csv, ("method", "category") + METRICS + TIMES + ("error",)) \
+            if args.csv else None
+    except (OSError, ValueError, csv.Error) as exc:
+        parser.error(f"--csv: {exc}")
+    columns = ("method", "category") + (TIMES if args.time else METRICS + TIMES) + ("error",)
+    print(markdown_header(columns), flush=True)
+
+    def on_record(record):
+        print(markdown_row(record, columns), flush=True)
+        if log is not None:
+            log.write(record)
+
+    try:
+        records = run(args.methods, args.categories or found, args.root, args.image_size,
+                      args.seed, on_record=on_record, debug=args.debug)
+    except KeyboardInterrupt:
+        print("interrupted: the rows above are complete" + (f" and in {args.csv}" if log else ""),
+              file=sys.stderr)
+        return 130
+    finally:
+        if log is not None:
+            log.close()
     if prof.is_quick and args.root is None:
         print("\nQuick profile: synthetic data, random-init backbones, small images. These "
               "numbers are not comparable with the papers'.")
     if args.csv:
-        write_csv(records, args.csv, ("method", "category") + METRICS + TIMES)
-        print(f"wrote {args.csv}", file=sys.stderr)
-    return 1 if any("error" in r for r in records) else 0
+        print(f"appended {len(records)} row(s) to {args.csv}", file=sys.stderr)
+    errors = [r for r in records if "error" in r]
+    if not errors:
+        return 0
+    print(f"{len(errors)} of {len(records)} run(s) failed (see the error column).", file=sys.stderr)
+    return 2 if all(r.get("user_error") for r in errors) else 1

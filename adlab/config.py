@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import os
 import random
+import secrets
+import shutil
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,10 +96,70 @@ def seed_everything(seed: int = 0) -> torch.Generator:
 
 
 def cache_dir() -> Path:
-    """Where generated data and downloaded weights live (``ADLAB_CACHE``, default ~/.cache/adlab)."""
+    """Where generated data and downloaded weights live (``ADLAB_CACHE``, default ~/.cache/adlab).
+
+    Raises a PermissionError saying which variable to set when the folder cannot be written.
+    """
     root = Path(os.environ.get("ADLAB_CACHE", Path.home() / ".cache" / "adlab")).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = temp_path(root / "write-test")
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(
+            f"The cache folder {root} is not writable ({type(err).__name__}: {err.strerror or err}). "
+            "Set ADLAB_CACHE to a folder you can write, e.g. `export ADLAB_CACHE=/tmp/adlab`.") from err
     return root
+
+
+# ---------------------------------------------------------------- atomic writes
+
+# A file or folder is written under a temporary name in its own folder, then renamed into
+# place (``os.replace`` is atomic on one file system), so a reader never sees half of it.
+# The temporary name carries the writer's process id: what a killed process left behind is
+# recognised as stale and removed by the next writer, while another live writer is left alone.
+TEMP_TAG = ".tmp-"
+STALE_AFTER_S = 24 * 3600  # where a process id cannot be checked (Windows): a day old is stale
+
+
+def temp_path(path: Path) -> Path:
+    """A unique hidden sibling of ``path`` to write first: ``.<name>.tmp-<pid>-<random>``."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{TEMP_TAG}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _process_running(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Delete the temporary siblings of ``path`` left by writers that no longer run."""
+    path = Path(path)
+    prefix = f".{path.name}{TEMP_TAG}"
+    if not path.parent.is_dir():
+        return
+    for tmp in path.parent.iterdir():
+        if not tmp.name.startswith(prefix):
+            continue
+        pid = tmp.name[len(prefix):].split("-")[0]
+        try:
+            old = time.time() - tmp.lstat().st_mtime > STALE_AFTER_S
+        except FileNotFoundError:  # removed meanwhile by another writer
+            continue
+        if not pid.isdigit() or old or not _process_running(int(pid)):
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
 
 
 def data_root() -> Path:

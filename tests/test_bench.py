@@ -76,3 +76,157 @@ def test_bench_on_a_real_style_folder_with_mixed_sizes_grayscale_and_no_masks(tm
     assert code == 0
     assert float(cells[2]) > 0.9                      # image AUROC: the bright dent is found
     assert cells[5] == "n/a" and cells[8] == "n/a"    # pixel AUROC and AUPRO: no masks
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _category(root, name, n_train=4, n_good=2, n_defect=2, size=16):
+    """A tiny MVTec-layout category: gray images, one bright square per defect, its mask."""
+    from PIL import Image
+
+    folder = root / name
+    for split in ("train/good", "test/good", "test/dent", "ground_truth/dent"):
+        (folder / split).mkdir(parents=True)
+    for i in range(n_train):
+        Image.new("RGB", (size, size), (100 + i, 100, 100)).save(folder / f"train/good/{i:03d}.png")
+    for i in range(n_good):
+        Image.new("RGB", (size, size), (101, 100, 100)).save(folder / f"test/good/{i:03d}.png")
+    for i in range(n_defect):
+        image, mask = Image.new("RGB", (size, size), (100, 100, 100)), Image.new("L", (size, size))
+        image.paste((250, 250, 250), (4, 4, 9, 9))
+        mask.paste(255, (4, 4, 9, 9))
+        image.save(folder / f"test/dent/{i:03d}.png")
+        mask.save(folder / f"ground_truth/dent/{i:03d}_mask.png")
+    return folder
+
+
+def _bench(capsys, *args):
+    code = cli.main(["bench", "--methods", "naive", "--image-size", "16", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+BREAK = {  # case -> (how to break category "bad", a string the error line must name)
+    "missing mask": (lambda f: (f / "ground_truth/dent/001_mask.png").unlink(), "001_mask.png"),
+    "truncated image": (lambda f: _truncate(f / "test/good/000.png"), "test/good/000.png"),
+    "unreadable image": (lambda f: (f / "train/good/002.png").write_bytes(b"not a png"),
+                         "train/good/002.png"),
+    "mask of another size": (lambda f: __import__("PIL.Image").Image.new("L", (8, 8)).save(
+        f / "ground_truth/dent/000_mask.png"), "ground_truth/dent/000_mask.png"),
+    "empty train/good": (lambda f: [p.unlink() for p in (f / "train/good").iterdir()],
+                         "bad/train/good"),
+}
+
+
+@pytest.mark.parametrize("case", BREAK)
+def test_a_broken_category_is_one_line_and_the_others_are_kept(case, tmp_path, capsys):
+    root = tmp_path / "data"
+    _category(root, "apple")
+    _category(root, "bad")
+    _category(root, "zebra")
+    breaker, named = BREAK[case]
+    breaker(root / "bad")
+    out_csv = tmp_path / "r.csv"
+    code, out, err = _bench(capsys, "--root", root, "--csv", out_csv)
+    assert code == 2
+    assert "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert named in line and str(root / "bad") in line
+    rows = list(csv.DictReader(open(out_csv)))
+    assert [(r["category"], bool(r["error"])) for r in rows] == [
+        ("apple", False), ("bad", True), ("zebra", False)]
+    assert float(rows[2]["image_auroc"]) > 0.9 and "| naive | zebra | 1.000" in out
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    _category(tmp_path, "bad")
+    (tmp_path / "bad/ground_truth/dent/000_mask.png").unlink()
+    code, _, err = _bench(capsys, "--root", tmp_path, "--debug")
+    assert code == 2 and "Traceback" in err and "DatasetError" in err
+
+
+@pytest.mark.parametrize("case", ["root is a file", "empty root", "category folder as root",
+                                  "category not found"])
+def test_root_and_category_errors_are_one_line(case, tmp_path, capsys):
+    _category(tmp_path / "data", "apple")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    args, named = {
+        "root is a file": (["--root", tmp_path / "notes.txt"], "is a file"),
+        "empty root": (["--root", tmp_path / "empty"], "No categories under"),
+        "category folder as root": (["--root", tmp_path / "data" / "apple"],
+                                    f"parent {tmp_path / 'data'} as the root"),
+        "category not found": (["--root", tmp_path / "data", "--categories", "pear"],
+                               "Category 'pear' not found"),
+    }[case]
+    code, out, err = _bench(capsys, *args)
+    assert code == 2 and "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert named in line
+
+
+def test_rows_reach_the_csv_as_they_finish(tmp_path, capsys, monkeypatch):
+    """A crash (here Ctrl-C) in the second category keeps the first row in the CSV."""
+    for name in ("apple", "pear"):
+        _category(tmp_path / "data", name)
+    real = bench.make_detector
+
+    class Interrupted:
+        def fit(self, train):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "make_detector", lambda name: real(name) if calls.append(1) or
+                        len(calls) == 1 else Interrupted())
+    calls = []
+    out_csv = tmp_path / "r.csv"
+    out_csv.write_text(",".join(("method", "category") + bench.METRICS + bench.TIMES)
+                       + ",error\nnaive,earlier,0.5" + ",," * 0 + "\n")
+    code, out, _ = _bench(capsys, "--root", tmp_path / "data", "--csv", out_csv)
+    assert code == 130 and "| naive | apple |" in out
+    rows = list(csv.DictReader(open(out_csv)))
+    assert [r["category"] for r in rows] == ["earlier", "apple"]  # appended, header kept once
+
+
+def test_a_bug_in_a_method_shows_its_traceback_and_exits_1(tiny_root, capsys, monkeypatch):
+    monkeypatch.setitem(bench.METHODS, "broken", "adlab.bench:NoSuchDetector")
+    code = cli.main(["bench", "--methods", "broken,naive", "--root", str(tiny_root),
+                     "--image-size", "64"])
+    out, err = capsys.readouterr()
+    assert code == 1 and "Traceback" in err and "| naive | weave |" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image-size", "0"], "positive"),
+    (["--image-size", "-3"], "positive"),
+    (["--image-size", "big"], "whole number"),
+    (["--methods", ","], "names no method; choose from naive, padim, patchcore"),
+    (["--methods", "naive,nope"], "unknown method(s) nope; choose from naive, padim"),
+])
+def test_argument_errors_exit_2_argparse_style(args, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", *args])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m adlab bench") and message in err
+
+
+def test_csv_naming_a_folder_is_an_argument_error(tmp_path, tiny_root, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", "--root", str(tiny_root), "--csv", str(tmp_path)])
+    assert info.value.code == 2 and "is a folder" in capsys.readouterr().err
+
+
+def test_unwritable_cache_names_the_variable(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    monkeypatch.setenv("ADLAB_PROFILE", "quick")
+    monkeypatch.setenv("ADLAB_CACHE", str(blocker / "cache"))  # cannot be created
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", "--methods", "naive"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "not writable" in err and "Set ADLAB_CACHE" in err
