@@ -1,9 +1,11 @@
-"""The benchmark command end to end on a tiny synthetic set (naive detector, so it is fast)."""
+"""The benchmark command end to end on tiny folders (naive detector, so it is fast): results,
+and every way a user can get the arguments or the dataset wrong (exit 2, one line)."""
 import csv
 import math
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from adlab import __main__ as cli
 from adlab import bench
@@ -82,8 +84,6 @@ def test_bench_on_a_real_style_folder_with_mixed_sizes_grayscale_and_no_masks(tm
 
 def _category(root, name, n_train=4, n_good=2, n_defect=2, size=16):
     """A tiny MVTec-layout category: gray images, one bright square per defect, its mask."""
-    from PIL import Image
-
     folder = root / name
     for split in ("train/good", "test/good", "test/dent", "ground_truth/dent"):
         (folder / split).mkdir(parents=True)
@@ -116,7 +116,7 @@ BREAK = {  # case -> (how to break category "bad", a string the error line must 
     "truncated image": (lambda f: _truncate(f / "test/good/000.png"), "test/good/000.png"),
     "unreadable image": (lambda f: (f / "train/good/002.png").write_bytes(b"not a png"),
                          "train/good/002.png"),
-    "mask of another size": (lambda f: __import__("PIL.Image").Image.new("L", (8, 8)).save(
+    "mask of another size": (lambda f: Image.new("L", (8, 8)).save(
         f / "ground_truth/dent/000_mask.png"), "ground_truth/dent/000_mask.png"),
     "empty train/good": (lambda f: [p.unlink() for p in (f / "train/good").iterdir()],
                          "bad/train/good"),
@@ -180,12 +180,15 @@ def test_rows_reach_the_csv_as_they_finish(tmp_path, capsys, monkeypatch):
         def fit(self, train):
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(bench, "make_detector", lambda name: real(name) if calls.append(1) or
-                        len(calls) == 1 else Interrupted())
-    calls = []
-    out_csv = tmp_path / "r.csv"
+    def make_detector(name):
+        made.append(name)
+        return real(name) if len(made) == 1 else Interrupted()
+
+    made = []
+    monkeypatch.setattr(bench, "make_detector", make_detector)
+    out_csv = tmp_path / "r.csv"  # a table from an earlier run: kept, appended to
     out_csv.write_text(",".join(("method", "category") + bench.METRICS + bench.TIMES)
-                       + ",error\nnaive,earlier,0.5" + ",," * 0 + "\n")
+                       + ",error\nnaive,earlier,0.5\n")
     code, out, _ = _bench(capsys, "--root", tmp_path / "data", "--csv", out_csv)
     assert code == 130 and "| naive | apple |" in out
     rows = list(csv.DictReader(open(out_csv)))
