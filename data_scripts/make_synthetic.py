@@ -34,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "ground_truth/<defect>/<stem>_mask.png).",
         epilog=f"Categories: {kinds}.")
     parser.add_argument("--root", required=True, type=Path,
-                        help="output folder (created; existing category folders are replaced)")
+                        help="output folder: created, or replaced if it holds an earlier "
+                             "synthetic set (a folder with other files is refused)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--size", type=int, default=128,
                         help=f"image side in pixels, {synthetic.MIN_SIZE}..{synthetic.MAX_SIZE} "

@@ -68,7 +68,7 @@ def test_sample_equals_the_written_file(tiny_set):
 # ----------------------------------------------------------------------------- layout
 
 def test_mvtec_layout(tiny_set):
-    assert sorted(p.name for p in tiny_set.iterdir()) == sorted(S.CATEGORIES)
+    assert sorted(p.name for p in tiny_set.iterdir()) == sorted([S.MARKER, *S.CATEGORIES])
     for category, defects in S.DEFECTS.items():
         folder = tiny_set / category
         assert [p.name for p in (folder / "train").iterdir()] == ["good"]     # train: only good
@@ -202,6 +202,69 @@ def test_ensure_synthetic_caches_atomically(tmp_path, monkeypatch):
     assert S.ensure_synthetic(seed=2).name == "synthetic-s2-px128"
 
 
+def test_an_interrupted_generation_keeps_the_previous_set(tmp_path, monkeypatch):
+    """Regenerating over a finished set and failing halfway leaves the old set as it was."""
+    root = S.generate(tmp_path / "set", seed=3, size=64, **TINY)
+    before = _files(root)
+    real_save, saved = S._save_png, []
+
+    def interrupted(array, path):
+        if len(saved) == 5:
+            raise KeyboardInterrupt
+        saved.append(path)
+        real_save(array, path)
+
+    monkeypatch.setattr(S, "_save_png", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        S.generate(root, seed=4, size=64, **TINY)
+    assert _files(root) == before and sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+
+
+KILLED_FIRST_USE = """
+import os, signal
+from adlab.data import synthetic as S
+S.N_TRAIN, S.N_TEST_GOOD, S.N_PER_DEFECT = 2, 1, 1
+real_save, saved = S._save_png, []
+def killed(array, path):
+    if len(saved) == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    saved.append(path)
+    real_save(array, path)
+S._save_png = killed
+S.ensure_synthetic(seed=2, size=64)
+"""
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGKILL is POSIX")
+def test_a_killed_first_use_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+    env = dict(os.environ, PYTHONPATH=str(REPO), ADLAB_CACHE=str(tmp_path))
+    run = subprocess.run([sys.executable, "-c", KILLED_FIRST_USE], env=env, capture_output=True,
+                         timeout=300)
+    assert run.returncode == -9, run.stderr
+    [leftover] = list(tmp_path.iterdir())                # the killed writer's temporary folder
+    assert leftover.name.startswith(".synthetic-s2-px64.tmp-")
+    assert not (tmp_path / "synthetic-s2-px64").exists()  # nothing under the final name
+    monkeypatch.setenv("ADLAB_CACHE", str(tmp_path))
+    for name, n in (("N_TRAIN", 2), ("N_TEST_GOOD", 1), ("N_PER_DEFECT", 1)):
+        monkeypatch.setattr(S, name, n)
+    root = S.ensure_synthetic(seed=2, size=64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic-s2-px64"]  # cleaned up
+    assert json.loads((root / S.MARKER).read_text())["seed"] == 2
+
+
+def test_generate_never_replaces_a_folder_that_is_not_ours(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    with pytest.raises(ValueError, match="not an adlab synthetic dataset.*new or empty folder"):
+        S.generate(mine, size=64, categories=["nut"], **TINY)
+    assert (mine / "thesis.tex").read_text() == "precious" and len(list(mine.iterdir())) == 1
+    old_style = tmp_path / "old"                         # category folders only, no marker
+    (old_style / "nut" / "train").mkdir(parents=True)
+    S.generate(old_style, size=64, categories=["pins"], **TINY)
+    assert sorted(p.name for p in old_style.iterdir()) == [S.MARKER, "pins"]
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def test_cli_writes_a_tiny_set(tmp_path):
@@ -213,7 +276,7 @@ def test_cli_writes_a_tiny_set(tmp_path):
                          capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "nut" in run.stdout and "pins" in run.stdout
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["nut", "pins"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [S.MARKER, "nut", "pins"]
     assert (tmp_path / "out" / "pins" / "ground_truth" / "extra_pin" / "000_mask.png").exists()
     expected = S.sample("pins", "extra_pin", seed=1, index=0, size=64).image
     np.testing.assert_array_equal(
@@ -239,3 +302,7 @@ def test_cli_help_and_bad_size(tmp_path, capsys):
     assert cli.main(["--root", str(tmp_path / "x"), "--size", "16"]) == 2
     assert "64 to 512" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    (tmp_path / "notes.txt").write_text("mine")
+    assert cli.main(["--root", str(tmp_path), "--size", "64", "--n-train", "1"]) == 2
+    assert "new or empty folder" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -50,7 +50,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -60,6 +59,8 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+
+from adlab.config import remove_stale_temps, temp_path
 
 #: category name -> "texture" or "object"
 CATEGORIES: dict[str, str] = {
@@ -879,14 +880,58 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array, mode=mode).save(path, format="PNG", optimize=False, compress_level=1)
 
 
+def _write_category(folder: Path, category: str, seed: int, size: int, counts: dict) -> None:
+    """Every image (and mask) of one category under ``folder``."""
+    jobs = [("train/good", "good", counts["n_train"]), ("test/good", "good", counts["n_test_good"])]
+    jobs += [(f"test/{d}", d, counts["n_per_defect"]) for d in DEFECTS[category]]
+    for split, defect, n in jobs:
+        (folder / split).mkdir(parents=True)
+        if defect != "good":
+            (folder / "ground_truth" / defect).mkdir(parents=True)
+        width = max(3, len(str(n - 1)))
+        for index in range(n):
+            s = sample(category, defect, seed=seed, index=index, size=size, split=split)
+            stem = f"{index:0{width}d}"
+            _save_png(s.image, folder / split / f"{stem}.png")
+            if defect != "good":
+                _save_png(s.mask.astype(np.uint8) * 255,
+                          folder / "ground_truth" / defect / f"{stem}_mask.png")
+
+
+def _check_replaceable(root: Path) -> None:
+    """Allow replacing ``root`` only when it is missing, empty, or a dataset of ours (it has
+    the marker, or holds nothing but category folders, as an older adlab wrote them)."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise ValueError(f"{root} is a file; give generate() a folder to write the dataset to.")
+    names = sorted(p.name for p in root.iterdir())
+    if (root / MARKER).is_file() or all(name in CATEGORIES for name in names):
+        return
+    raise ValueError(
+        f"{root} holds files that are not an adlab synthetic dataset ({', '.join(names[:3])}"
+        f"{', ...' if len(names) > 3 else ''}), and the dataset replaces its folder as a whole. "
+        "Choose a new or empty folder.")
+
+
+def _marker_info(seed: int, size: int, categories: list[str], counts: dict) -> dict:
+    return dict(version=FACTORY_VERSION, seed=seed, size=size, categories=categories, **counts)
+
+
 def generate(root, seed: int = 0, size: int = 128, categories=None, n_train: int | None = None,
              n_test_good: int | None = None, n_per_defect: int | None = None) -> Path:
-    """Write a synthetic dataset in the MVTec AD layout under ``root``; return ``root``.
+    """Write a synthetic dataset in the MVTec AD layout to the folder ``root``; return ``root``.
 
     For each category: ``n_train`` good training images (default 60), ``n_test_good``
     good test images (default 20) and ``n_per_defect`` images per defect kind (default 8)
     with their 0/255 masks under ``ground_truth/<defect>/<stem>_mask.png``.
-    Existing category folders are replaced. Same ``seed`` and ``size`` -> identical bytes.
+    Same ``seed`` and ``size`` -> identical bytes.
+
+    The dataset is written to a temporary sibling folder, the marker file ``MARKER`` (seed,
+    size, counts, factory version) last, and only then renamed to ``root``: an interrupted
+    run never leaves a folder that looks complete, and what a killed run left behind is
+    removed by the next one. ``root`` is replaced as a whole; it must be new, empty, or an
+    earlier synthetic dataset (a ValueError otherwise, so a folder of yours is never deleted).
     """
     size, seed = check_size(size), _check_seed(seed)
     categories = _check_categories(categories)
@@ -896,74 +941,65 @@ def generate(root, seed: int = 0, size: int = 128, categories=None, n_train: int
     for name, n in counts.items():
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"{name} must be a positive integer, got {n!r}.")
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    for category in categories:
-        folder = root / category
-        if folder.exists():
-            shutil.rmtree(folder)
-        jobs = [("train/good", "good", counts["n_train"]),
-                ("test/good", "good", counts["n_test_good"])]
-        jobs += [(f"test/{d}", d, counts["n_per_defect"]) for d in DEFECTS[category]]
-        for split, defect, n in jobs:
-            (folder / split).mkdir(parents=True)
-            if defect != "good":
-                (folder / "ground_truth" / defect).mkdir(parents=True)
-            width = max(3, len(str(n - 1)))
-            for index in range(n):
-                s = sample(category, defect, seed=seed, index=index, size=size, split=split)
-                stem = f"{index:0{width}d}"
-                _save_png(s.image, folder / split / f"{stem}.png")
-                if defect != "good":
-                    _save_png(s.mask.astype(np.uint8) * 255,
-                              folder / "ground_truth" / defect / f"{stem}_mask.png")
+    root = Path(os.path.abspath(root))
+    _check_replaceable(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(root)
+    tmp = temp_path(root)
+    tmp.mkdir()
+    try:
+        for category in categories:
+            _write_category(tmp / category, category, seed, size, counts)
+        info = _marker_info(seed, size, categories, {k: int(v) for k, v in counts.items()})
+        (tmp / MARKER).write_text(json.dumps(info, indent=1))   # last: the dataset is complete
+        if root.exists():  # renamed aside first: renaming onto a folder fails on some systems
+            old = temp_path(root)
+            os.replace(root, old)
+            os.replace(tmp, root)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 
 def _marker_ok(folder: Path, seed: int, size: int) -> bool:
-    """True when ``folder`` holds a complete dataset written by this factory version."""
+    """True when ``folder`` holds a complete default dataset written by this factory version."""
     try:
         info = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    expected = dict(version=FACTORY_VERSION, seed=seed, size=size, categories=list(CATEGORIES),
-                    n_train=N_TRAIN, n_test_good=N_TEST_GOOD, n_per_defect=N_PER_DEFECT)
-    return all(info.get(key) == value for key, value in expected.items())
+    counts = dict(n_train=N_TRAIN, n_test_good=N_TEST_GOOD, n_per_defect=N_PER_DEFECT)
+    return info == _marker_info(seed, size, list(CATEGORIES), counts)
 
 
 def ensure_synthetic(seed: int = 0, size: int | None = None) -> Path:
     """The synthetic dataset for ``seed`` and ``size``, generated on first use and cached.
 
     ``size=None`` uses the active profile's image size. The data lives in
-    ``cache_dir()/synthetic-s{seed}-px{size}``. It is written to a temporary sibling folder
-    and renamed into place only when complete (a marker file records the seed, size and
-    factory version), so an interrupted run never leaves a half-written dataset in use.
+    ``cache_dir()/synthetic-s{seed}-px{size}``; a folder there without a matching marker
+    (interrupted, or from an older factory) is deleted and generated again. Several
+    processes may call this at once: each writes its own temporary copy (see
+    :func:`generate`) and the first complete one is kept.
     """
     from adlab.config import cache_dir, profile
 
     seed = _check_seed(seed)
     size = check_size(profile().image_size if size is None else size)
-    cache = cache_dir()
-    final = cache / f"synthetic-s{seed}-px{size}"
+    final = cache_dir() / f"synthetic-s{seed}-px{size}"
     if _marker_ok(final, seed, size):
         return final
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-tmp-", dir=cache))
-    try:
-        generate(tmp, seed=seed, size=size)
-        info = dict(version=FACTORY_VERSION, seed=seed, size=size, categories=list(CATEGORIES),
-                    n_train=N_TRAIN, n_test_good=N_TEST_GOOD, n_per_defect=N_PER_DEFECT)
-        (tmp / MARKER).write_text(json.dumps(info, indent=1))
-        if final.exists() and not _marker_ok(final, seed, size):
-            # stale (older factory) or incomplete: move it aside, then delete it
-            stale = Path(tempfile.mkdtemp(prefix=f".{final.name}-stale-", dir=cache))
-            os.replace(final, stale / "old")
-            shutil.rmtree(stale, ignore_errors=True)
+    if final.exists():  # ours by its name: stale or incomplete
+        aside = temp_path(final)
         try:
-            os.replace(tmp, final)                       # atomic on one file system
-        except OSError:
-            if not _marker_ok(final, seed, size):        # another process did not win the race
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            os.replace(final, aside)
+        except FileNotFoundError:  # another process moved it first
+            pass
+        shutil.rmtree(aside, ignore_errors=True)
+    try:
+        generate(final, seed=seed, size=size)
+    except OSError:
+        if not _marker_ok(final, seed, size):  # not a race lost to another process's copy
+            raise
     return final
