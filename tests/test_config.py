@@ -34,3 +34,32 @@ def test_paper_profile_on_cpu_warns(monkeypatch, capsys):
     with pytest.warns(UserWarning, match="without a GPU"):
         config.print_setup()
     assert "profile: paper" in capsys.readouterr().out
+
+
+def test_unwritable_cache_says_which_variable_to_set(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    monkeypatch.setenv("ADLAB_CACHE", str(blocker / "cache"))
+    with pytest.raises(PermissionError, match="Set ADLAB_CACHE to a folder you can write"):
+        config.cache_dir()
+    monkeypatch.setenv("ADLAB_CACHE", str(tmp_path / "ok"))
+    assert config.cache_dir() == tmp_path / "ok" and list((tmp_path / "ok").iterdir()) == []
+
+
+def test_stale_temporaries_of_dead_writers_are_removed_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()                                       # its process id is no longer running
+    target = tmp_path / "run.pt"
+    dead = tmp_path / f".run.pt{config.TEMP_TAG}{finished.pid}-0000"
+    dead_dir = tmp_path / f".run.pt{config.TEMP_TAG}{finished.pid}-1111"
+    live = config.temp_path(target)                       # this process: still writing
+    other = tmp_path / f".other.pt{config.TEMP_TAG}{finished.pid}-2222"  # another file's
+    for path in (dead, live, other):
+        path.write_text("partial")
+    (dead_dir / "sub").mkdir(parents=True)
+    config.remove_stale_temps(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+    assert live.parent == tmp_path and live.name.startswith(".run.pt.tmp-")
