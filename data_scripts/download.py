@@ -13,7 +13,8 @@ prints where to put an archive downloaded by hand; running it again verifies and
 from __future__ import annotations
 
 import argparse
-import os
+import math
+import re
 import sys
 from pathlib import Path
 
@@ -28,9 +29,43 @@ EPILOG = """exit codes:
   1  download failed (offline, HTTP error, manual download needed): see the message
   2  wrong command-line usage or unknown dataset
   3  checksum mismatch, or no known checksum without --no-verify
-  4  unsafe archive refused (path traversal, links outside, device files)
+  4  unsafe archive refused (absolute or '..' paths, links, device files, duplicate names,
+     zip/tar bomb)
   5  unexpected folder layout after extraction
 """
+
+
+# Argument types: a bad value ends in argparse's "error: argument --x: ..." and exit code 2.
+def dataset_name(text: str) -> str:
+    try:
+        return dl.resolve_name(text)
+    except dl.DownloadError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def sha256_hex(text: str) -> str:
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", text.strip()):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a sha256: give the 64 hex digits that sha256sum prints")
+    return text.strip().lower()
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def root_folder(text: str) -> Path:
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{path} is a file, not a folder: give a folder (it is created if missing)")
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,17 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Download a real dataset, check its sha256, extract it safely and "
                     "arrange it in the MVTec AD folder layout.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", nargs="?", help=f"dataset: {', '.join(dl.CATALOGUE)}")
-    parser.add_argument("--root", help="folder for the archive and the dataset (required); "
-                                       "the dataset goes to ROOT/NAME")
+    parser.add_argument("name", nargs="?", type=dataset_name,
+                        help=f"dataset: {', '.join(dl.CATALOGUE)}")
+    parser.add_argument("--root", type=root_folder,
+                        help="folder for the archive and the dataset (required); "
+                             "the dataset goes to ROOT/NAME")
     parser.add_argument("--url", help="download from this URL (a mirror) instead of the "
                                       "catalogue's; the catalogue checksum still applies")
-    parser.add_argument("--sha256", help="expected sha256 of the archive (overrides the "
-                                         "catalogue; for mirrors or datasets without one)")
+    parser.add_argument("--sha256", type=sha256_hex,
+                        help="expected sha256 of the archive (overrides the catalogue; for "
+                             "mirrors or datasets without one)")
     parser.add_argument("--no-verify", action="store_true",
                         help="use the archive even if its sha256 is unknown or differs "
                              "(prints the sha256 so you can check it)")
-    parser.add_argument("--timeout", type=float, default=dl.DEFAULT_TIMEOUT,
+    parser.add_argument("--timeout", type=seconds, default=dl.DEFAULT_TIMEOUT,
                         help="seconds to wait for a connection or data (default %(default)s)")
     parser.add_argument("--list", action="store_true", help="list the catalogue and exit")
     return parser
@@ -56,29 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:      # argparse ends usage errors with SystemExit(2) after a one-line message
+        args = parser.parse_args(argv)
+        if not args.list and not args.name:
+            parser.error(f"give a dataset name ({', '.join(dl.CATALOGUE)}) or --list")
+        if not args.list and not args.root:
+            parser.error("--root DIR is required (the archive and DIR/NAME go there)")
+    except SystemExit as stop:
+        return stop.code
     if args.list:
         for entry in dl.CATALOGUE.values():
             print(dl.describe(entry))
         return EXIT_OK
-    if not args.name:
-        parser.print_usage(sys.stderr)
-        print(f"error: give a dataset name ({', '.join(dl.CATALOGUE)}) or --list",
-              file=sys.stderr)
-        return EXIT_USAGE
-    if not args.root:
-        parser.print_usage(sys.stderr)
-        print("error: --root DIR is required (the archive and <DIR>/<name> go there)",
-              file=sys.stderr)
-        return EXIT_USAGE
     try:
-        name = dl.resolve_name(args.name)
-    except dl.DownloadError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        dl.download(name, os.path.expanduser(args.root), url_override=args.url,
-                    sha256=args.sha256, verify=not args.no_verify, timeout=args.timeout)
+        dl.download(args.name, args.root, url_override=args.url, sha256=args.sha256,
+                    verify=not args.no_verify, timeout=args.timeout)
     except dl.DownloadError as err:
         print(f"\nerror: {err}", file=sys.stderr)
         exit_codes = ((dl.ChecksumError, EXIT_CHECKSUM), (dl.UnsafeArchiveError, EXIT_UNSAFE),

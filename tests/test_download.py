@@ -12,7 +12,6 @@ import importlib.util
 import io
 import os
 import socket
-import stat
 import tarfile
 import threading
 import time
@@ -25,6 +24,7 @@ import pytest
 from PIL import Image
 
 from adlab.data import download as dl
+from adlab.data.convert import convert_as_is
 from adlab.data.mvtec import load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -431,172 +431,50 @@ def test_http_error_and_web_page_are_refused(server, tmp_path):
     assert not (tmp_path / "btad.zip").exists() and not list(tmp_path.glob("*.part"))
 
 
-# ----------------------------------------------------------------------------- safe_extract
-def _tar_with(members: list[tarfile.TarInfo], mode: str = "w") -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode=mode) as tf:
-        ok = tarfile.TarInfo("ok.txt")             # a harmless member first: must not appear
-        ok.size = 2
-        tf.addfile(ok, io.BytesIO(b"ok"))
-        for info in members:
-            data = b"pwned" if info.isreg() else None
-            if data is not None:
-                info.size = len(data)
-            tf.addfile(info, io.BytesIO(data) if data is not None else None)
-    return buf.getvalue()
-
-
-def _info(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.linkname = link
-    if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
-        info.devmajor, info.devminor = 1, 3
-    return info
-
-
-def _malicious_tars(outside: Path) -> dict[str, list[tarfile.TarInfo]]:
-    return {
-        "absolute path": [_info(str(outside / "pwned.txt"))],
-        "dot-dot traversal": [_info("../outside/pwned.txt")],
-        "nested traversal": [_info("a/b/../../../outside/pwned.txt")],
-        "symlink absolute outside": [_info("link", tarfile.SYMTYPE, str(outside)),
-                                     _info("link/pwned.txt")],
-        "symlink relative outside": [_info("link", tarfile.SYMTYPE, "../outside"),
-                                     _info("link/pwned.txt")],
-        "symlink chain outside": [_info("a", tarfile.SYMTYPE, "."),
-                                  _info("b", tarfile.SYMTYPE, "a/../outside"),
-                                  _info("b/pwned.txt")],
-        "hardlink absolute outside": [_info("hl", tarfile.LNKTYPE, str(outside / "secret.txt"))],
-        "hardlink relative outside": [_info("hl", tarfile.LNKTYPE, "../outside/secret.txt")],
-        "character device": [_info("dev", tarfile.CHRTYPE)],
-        "block device": [_info("blk", tarfile.BLKTYPE)],
-        "fifo": [_info("fifo", tarfile.FIFOTYPE)],
-    }
-
-
-@pytest.fixture
-def sandbox(tmp_path):
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "secret.txt").write_bytes(b"secret")
-    return tmp_path, outside
-
-
-@pytest.mark.parametrize("use_filter", [True, False], ids=["tar-filter", "no-tar-filter"])
-@pytest.mark.parametrize("case", list(_malicious_tars(Path("/x"))))
-def test_malicious_tar_is_refused_before_writing(sandbox, monkeypatch, case, use_filter):
-    tmp_path, outside = sandbox
-    monkeypatch.setattr(dl, "_TAR_HAS_FILTER", use_filter and dl._TAR_HAS_FILTER)
-    archive = tmp_path / "evil.tar.gz"
-    archive.write_bytes(_tar_with(_malicious_tars(outside)[case], "w:gz"))
-    dest = tmp_path / "dest"
-    with pytest.raises(dl.UnsafeArchiveError):
-        dl.safe_extract(archive, dest)
-    assert not dest.exists()                         # not even the harmless ok.txt
-    assert tree(outside) == {"secret.txt": b"secret"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.tar.gz", "outside"]
-
-
-def _zip_with(entries: list[tuple[str, bytes, int]]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        zf.writestr("ok.txt", b"ok")
-        for name, data, mode in entries:
-            info = zipfile.ZipInfo(name)
-            if mode:
-                info.create_system = 3              # unix: mode bits in external_attr
-                info.external_attr = mode << 16
-            zf.writestr(info, data)
-    return buf.getvalue()
-
-
-def _malicious_zips(outside: Path) -> dict[str, list[tuple[str, bytes, int]]]:
-    return {
-        "absolute path": [(str(outside / "pwned.txt"), b"pwned", 0)],
-        "dot-dot traversal": [("../outside/pwned.txt", b"pwned", 0)],
-        "backslash traversal": [("..\\outside\\pwned.txt", b"pwned", 0)],
-        "drive letter": [("C:/outside/pwned.txt", b"pwned", 0)],
-        "symlink absolute outside": [("link", str(outside).encode(), stat.S_IFLNK | 0o777),
-                                     ("link/pwned.txt", b"pwned", 0)],
-        "symlink relative outside": [("link", b"../outside", stat.S_IFLNK | 0o777),
-                                     ("link/pwned.txt", b"pwned", 0)],
-        "character device": [("dev", b"", stat.S_IFCHR | 0o644)],
-        "fifo": [("fifo", b"", stat.S_IFIFO | 0o644)],
-    }
-
-
-@pytest.mark.parametrize("case", list(_malicious_zips(Path("/x"))))
-def test_malicious_zip_is_refused_before_writing(sandbox, case):
-    tmp_path, outside = sandbox
-    archive = tmp_path / "evil.zip"
-    archive.write_bytes(_zip_with(_malicious_zips(outside)[case]))
-    dest = tmp_path / "dest"
-    with pytest.raises(dl.UnsafeArchiveError):
-        dl.safe_extract(archive, dest)
-    assert not dest.exists()
-    assert tree(outside) == {"secret.txt": b"secret"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.zip", "outside"]
-
-
-@pytest.mark.parametrize("use_filter", [True, False], ids=["tar-filter", "no-tar-filter"])
-def test_existing_symlink_in_dest_is_not_followed_outside(sandbox, monkeypatch, use_filter):
-    tmp_path, outside = sandbox
-    monkeypatch.setattr(dl, "_TAR_HAS_FILTER", use_filter and dl._TAR_HAS_FILTER)
-    dest = tmp_path / "dest"
-    dest.mkdir()
-    os.symlink(outside, dest / "escape")             # planted before extraction
-    archive = tmp_path / "a.tar"
-    archive.write_bytes(make_tar({"escape/pwned.txt": b"pwned"}, "w"))
-    with pytest.raises(dl.UnsafeArchiveError, match="outside"):
-        dl.safe_extract(archive, dest)
-    assert tree(outside) == {"secret.txt": b"secret"}
-    assert sorted(p.name for p in dest.iterdir()) == ["escape"]
-
-
-@pytest.mark.parametrize("mode", ["w", "w:gz", "w:xz", "w:bz2", "zip"])
-def test_safe_extract_formats_and_links_inside(tmp_path, mode):
-    files = {"cat/train/good/0.png": b"a", "cat/test/good/0.png": b"b", "./cat/readme": b"c"}
-    if mode == "zip":
-        archive = tmp_path / "a.zip"
-        archive.write_bytes(_zip_with([(n, d, 0) for n, d in files.items()]
-                                      + [("cat/alias", b"train/good/0.png", stat.S_IFLNK | 0o777)]))
-    else:
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode=mode) as tf:
-            add_files(tf, files)
-            tf.addfile(_info("cat/alias", tarfile.SYMTYPE, "train/good/0.png"))
-            tf.addfile(_info("cat/hard", tarfile.LNKTYPE, "cat/test/good/0.png"))
-        archive = tmp_path / "a.tar"
-        archive.write_bytes(buf.getvalue())
-    dest = dl.safe_extract(archive, tmp_path / "dest")
-    assert (dest / "cat/train/good/0.png").read_bytes() == b"a"
-    assert (dest / "cat/readme").read_bytes() == b"c"
-    assert (dest / "cat/alias").is_symlink()
-    assert os.readlink(dest / "cat/alias") == "train/good/0.png"
-    assert (dest / "cat/alias").read_bytes() == b"a"
-    if mode != "zip":
-        assert (dest / "cat/hard").read_bytes() == b"b"
-        assert os.path.samefile(dest / "cat/hard", dest / "cat/test/good/0.png")
-
-
-def test_not_an_archive_is_a_clear_error(tmp_path):
-    page = tmp_path / "btad.zip"
-    page.write_bytes(b"<html>not an archive</html>")
-    with pytest.raises(dl.DownloadError, match="neither a tar nor a zip"):
-        dl.safe_extract(page, tmp_path / "dest")
-    assert not (tmp_path / "dest").exists()
-
-
-def test_download_refuses_malicious_archive_with_valid_checksum(server, sandbox, monkeypatch):
-    tmp_path, outside = sandbox
-    body = _tar_with(_malicious_tars(outside)["dot-dot traversal"], "w:gz")
+# ----------------------------------------------------------------------------- archive safety
+# The crafted-archive corpus is in test_archive.py; here, what download() adds around it.
+def test_download_refuses_malicious_archive_with_valid_checksum(server, tmp_path, monkeypatch):
+    (tmp_path / "outside").mkdir()
+    body = make_tar({**MVTEC_FILES, "../outside/pwned.txt": b"pwned"})
     patch_entry(monkeypatch, "mvtec_ad", urls=(server.add("/m.tar.xz", body),), sha256=sha(body))
     root = tmp_path / "root"
     with pytest.raises(dl.UnsafeArchiveError, match="traversal"):
         dl.download("mvtec_ad", root)
     assert not (root / "mvtec_ad").exists() and not list(root.glob(".mvtec_ad.extract-*"))
-    assert tree(outside) == {"secret.txt": b"secret"}
+    assert tree(tmp_path / "outside") == {}
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_no_link_reaches_the_data_root_whatever_the_converter_does(tmp_path, monkeypatch, link):
+    """The last check before the move: a converter that leaves a link behind is refused."""
+    def convert_and_link(extracted, out):
+        convert_as_is(extracted, out)
+        good = out / "bottle" / "train" / "good"
+        if link == "symlink":
+            os.symlink("../../../../outside.png", good / "extra.png")
+        else:
+            os.link(good / "000.png", good / "extra.png")
+
+    body = make_tar(MVTEC_FILES)
+    (tmp_path / "mvtec_anomaly_detection.tar.xz").write_bytes(body)
+    patch_entry(monkeypatch, "mvtec_ad", urls=(), sha256=sha(body), converter=convert_and_link)
+    what = {"symlink": "symbolic link", "hardlink": "hard link"}[link]
+    with pytest.raises(dl.UnsafeArchiveError, match=f"(extra|000).png is a {what}"):
+        dl.download("mvtec_ad", tmp_path)
+    assert not (tmp_path / "mvtec_ad").exists() and not list(tmp_path.glob(".mvtec_ad.extract-*"))
+
+
+def test_unpacked_size_is_bounded_by_the_catalogue_size(tmp_path, monkeypatch):
+    """At most SIZE_FACTOR x the catalogue's archive size is unpacked (incompressible data)."""
+    files = {**MVTEC_FILES, "bottle/train/good/big.png": os.urandom(20_000)}
+    body = make_tar(files)
+    (tmp_path / "mvtec_anomaly_detection.tar.xz").write_bytes(body)
+    patch_entry(monkeypatch, "mvtec_ad", urls=(), sha256=sha(body), size_bytes=4_000)
+    with pytest.raises(dl.UnsafeArchiveError, match="add up to more than"):
+        dl.download("mvtec_ad", tmp_path)
+    assert not (tmp_path / "mvtec_ad").exists() and not list(tmp_path.glob(".mvtec_ad.extract-*"))
+    patch_entry(monkeypatch, "mvtec_ad", size_bytes=len(body))     # the archive's real size
+    assert tree(dl.download("mvtec_ad", tmp_path)) == files
 
 
 # ----------------------------------------------------------------------------- command line
@@ -627,8 +505,40 @@ def test_cli_exit_codes(cli, server, tmp_path, monkeypatch, capsys):
                      "--sha256", sha(body)]) == cli.EXIT_OK
     assert tree(tmp_path / "mvtec_ad") == MVTEC_FILES
 
-    evil = _tar_with([_info("../pwned.txt")])
+    evil = make_tar({"../pwned.txt": b"pwned"})
     evil_url = server.add("/evil.zip", evil)
     assert cli.main(["mpdd", "--root", str(tmp_path / "r"), "--url", evil_url,
                      "--no-verify"]) == cli.EXIT_UNSAFE
     assert not (tmp_path / "pwned.txt").exists()
+
+
+@pytest.mark.parametrize("args, complaint", [
+    (["--sha256", "abc"], "argument --sha256: 'abc' is not a sha256"),
+    (["--sha256", "g" * 64], "is not a sha256"),
+    (["--timeout", "0"], "argument --timeout: '0' is not a positive number of seconds"),
+    (["--timeout", "-1"], "argument --timeout: '-1' is not a positive"),
+    (["--timeout", "nan"], "argument --timeout: 'nan' is not a positive"),
+    (["--root", "FILE"], "argument --root: FILE is a file, not a folder"),
+])
+def test_cli_argument_errors_exit_2_with_one_line(cli, tmp_path, capsys, args, complaint):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("not a folder")
+    args = [str(afile) if a == "FILE" else a for a in args]
+    root = ["--root", str(tmp_path / "root")] if "--root" not in args else []
+    url = dead_url("btad.zip")
+    assert cli.main(["btad", "--url", url, *root, *args]) == cli.EXIT_USAGE
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("usage: ") and ": error: " in lines[-1]
+    assert complaint.replace("FILE", str(afile)) in lines[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]    # nothing created
+    assert afile.read_text() == "not a folder"
+
+
+def test_download_api_refuses_a_root_that_is_a_file(tmp_path):
+    afile = tmp_path / "data"
+    afile.write_text("x")
+    with pytest.raises(dl.DownloadError, match="is a file, not a folder"):
+        dl.download("btad", afile, url_override=dead_url("btad.zip"))
+    with pytest.raises(dl.DownloadError, match="Cannot create the root folder"):
+        dl.download("btad", afile / "sub", url_override=dead_url("btad.zip"))
+    assert afile.read_text() == "x"
