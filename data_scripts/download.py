@@ -114,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         exit_codes = ((dl.ChecksumError, EXIT_CHECKSUM), (dl.UnsafeArchiveError, EXIT_UNSAFE),
                       (dl.LayoutError, EXIT_LAYOUT), (dl.DownloadError, EXIT_FAILED))
         return next(code for kind, code in exit_codes if isinstance(err, kind))
+    except OSError as err:      # disk full, permission denied, ...: nothing half-built is kept
+        print(f"\nerror: {err}. Check that {args.root} is a folder you can write to, with "
+              "room for the archive and the dataset, and run again.", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("\ninterrupted; partial files were removed, run again to resume from scratch",
               file=sys.stderr)

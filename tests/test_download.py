@@ -542,3 +542,17 @@ def test_download_api_refuses_a_root_that_is_a_file(tmp_path):
     with pytest.raises(dl.DownloadError, match="Cannot create the root folder"):
         dl.download("btad", afile / "sub", url_override=dead_url("btad.zip"))
     assert afile.read_text() == "x"
+
+
+def test_cli_disk_error_is_one_line(cli, tmp_path, monkeypatch, capsys):
+    body = make_tar(MVTEC_FILES)
+    (tmp_path / "mvtec_anomaly_detection.tar.xz").write_bytes(body)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dl.tempfile, "mkdtemp", disk_full)
+    assert cli.main(["mvtec_ad", "--root", str(tmp_path), "--sha256", sha(body)]) == cli.EXIT_FAILED
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "\n" not in error and "No space left" in error
+    assert (tmp_path / "mvtec_anomaly_detection.tar.xz").read_bytes() == body    # kept

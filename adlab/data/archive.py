@@ -99,7 +99,7 @@ def _zip_members(zf: zipfile.ZipFile):
         if info.is_dir() or fmt == stat.S_IFDIR:
             kind = "folder"
         elif info.flag_bits & 0x1:
-            kind = "encrypted file"
+            kind = "password-protected file"
         elif fmt in (0, stat.S_IFREG):
             kind = "file"
         else:
@@ -116,7 +116,8 @@ def _refuse(archive: Path, problem: str) -> UnsafeArchiveError:
 
 
 def _size(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    return (f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20
+            else f"{n} bytes")
 
 
 def _checked(members, archive: Path, max_bytes: int) -> list[_Member]:
@@ -136,8 +137,8 @@ def _checked(members, archive: Path, max_bytes: int) -> list[_Member]:
             key = unicodedata.normalize("NFC", "/".join(m.parts[:depth])).casefold()
             kind, before = (m.kind if depth == len(m.parts) else "folder"), seen.get(key)
             if before is not None and "file" in (before, kind):   # folders may repeat
-                raise _refuse(archive, f"the member {m.name!r} clashes with another member "
-                                       "of the same name (names are compared ignoring case)")
+                raise _refuse(archive, f"the member {m.name!r} clashes with another member (the "
+                                       "same name ignoring case, or a file used as a folder)")
             seen[key] = kind
         total += m.size
         if m.packed is not None and m.size > RATIO_GRACE and m.size > MAX_RATIO * m.packed:
