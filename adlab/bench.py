@@ -160,14 +160,6 @@ class CsvLog:
         self.file.close()
 
 
-def write_csv(records: list[dict], path: str | Path, columns) -> None:
-    """Append ``records`` to the CSV at ``path`` (header written when the file is new)."""
-    log = CsvLog(path, list(columns) + ["error"])
-    for record in records:
-        log.write(record)
-    log.close()
-
-
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
