@@ -182,7 +182,11 @@ def _parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     if args.csv is not None and Path(args.csv).is_dir():
         parser.error(f"--csv {args.csv} is a folder; give a file name such as "
                      f"{Path(args.csv) / 'results.csv'}")
-    if args.root is None and profile().synthetic:
+    try:
+        synthetic = profile().synthetic
+    except ValueError as exc:  # ADLAB_PROFILE names no profile
+        parser.error(str(exc))
+    if args.root is None and synthetic:
         from adlab.config import cache_dir
         try:
             cache_dir()  # the synthetic data are generated there

@@ -233,3 +233,16 @@ def test_unwritable_cache_names_the_variable(tmp_path, capsys, monkeypatch):
         cli.main(["bench", "--methods", "naive"])
     err = capsys.readouterr().err
     assert info.value.code == 2 and "not writable" in err and "Set ADLAB_CACHE" in err
+
+
+def test_paper_profile_without_adlab_data_or_with_a_bad_profile(monkeypatch, capsys):
+    monkeypatch.setenv("ADLAB_PROFILE", "paper")
+    monkeypatch.delenv("ADLAB_DATA", raising=False)
+    code, _, err = _bench(capsys)
+    assert code == 2 and "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "ADLAB_DATA" in line and "download.py" in line
+    monkeypatch.setenv("ADLAB_PROFILE", "fast")
+    with pytest.raises(SystemExit) as info:
+        _bench(capsys)
+    assert info.value.code == 2 and "quick, paper" in capsys.readouterr().err

@@ -189,7 +189,10 @@ def _resolve_root(root) -> Path:
         from adlab.data.synthetic import ensure_synthetic  # lazy: generates on first use
         path = Path(ensure_synthetic())
     else:
-        path = config.data_root()
+        try:
+            path = config.data_root()
+        except FileNotFoundError as err:  # ADLAB_DATA is not set: the message says what to do
+            raise DatasetError(str(err)) from err
     if not path.exists():
         raise DatasetError(
             f"The dataset root {path} does not exist. Pass as root the folder that holds the "
