@@ -464,6 +464,17 @@ def test_no_link_reaches_the_data_root_whatever_the_converter_does(tmp_path, mon
     assert not (tmp_path / "mvtec_ad").exists() and not list(tmp_path.glob(".mvtec_ad.extract-*"))
 
 
+def test_a_dataset_already_in_place_with_a_link_is_not_used(tmp_path, monkeypatch):
+    """A dataset left by an older, link-following version: found, refused, the fix named."""
+    body = make_tar(MVTEC_FILES)
+    patch_entry(monkeypatch, "mvtec_ad", urls=(), sha256=sha(body))
+    (tmp_path / "mvtec_anomaly_detection.tar.xz").write_bytes(body)
+    out = dl.download("mvtec_ad", tmp_path)
+    os.symlink("../../../../../outside_root", out / "bottle" / "train" / "good" / "002.png")
+    with pytest.raises(dl.UnsafeArchiveError, match=f"Delete {out} and run again"):
+        dl.download("mvtec_ad", tmp_path)
+
+
 def test_unpacked_size_is_bounded_by_the_catalogue_size(tmp_path, monkeypatch):
     """At most SIZE_FACTOR x the catalogue's archive size is unpacked (incompressible data)."""
     files = {**MVTEC_FILES, "bottle/train/good/big.png": os.urandom(20_000)}

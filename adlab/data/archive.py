@@ -227,11 +227,12 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike,
 
 
 def check_no_links(folder: str | os.PathLike) -> None:
-    """Refuse a finished dataset folder that holds a link or anything but files and folders.
+    """Refuse a dataset folder that holds a link or anything but plain files and folders.
 
-    The last check before :func:`adlab.data.download.download` moves a converted dataset into
-    place: whatever a converter did, no link (symbolic, or a file with a second hard link)
-    reaches the data root, where the loader would follow it.
+    :func:`adlab.data.download.download` runs it on a converted dataset before moving it into
+    place, and on a dataset already there: whatever a converter did, no link (symbolic, or a
+    file with a second hard link) reaches the data root, where the loader would follow it.
+    The caller's message says what to do.
     """
     paths = [str(folder)]
     for top, dirs, files in os.walk(folder):      # os.walk does not enter linked folders
@@ -242,6 +243,5 @@ def check_no_links(folder: str | os.PathLike) -> None:
             continue
         what = ("a symbolic link" if stat.S_ISLNK(mode.st_mode) else
                 "a hard link" if stat.S_ISREG(mode.st_mode) else "not a plain file")
-        raise UnsafeArchiveError(
-            f"{path} is {what}; a dataset holds plain files and folders only, so {folder} is "
-            "not used. Delete the archive and download it again.")
+        raise UnsafeArchiveError(f"{path} is {what}, but a dataset holds plain files and "
+                                 "folders only.")

@@ -217,10 +217,11 @@ def download(name: str, root: str | os.PathLike, *, url_override: str | None = N
     final = root / entry.name
     if final.exists():
         try:
+            check_no_links(final)
             check_layout(final, entry.categories)
-        except LayoutError as err:
-            raise LayoutError(f"{final} exists but is not a complete dataset ({err}) Delete "
-                              f"{final} and run again.") from err
+        except (LayoutError, UnsafeArchiveError) as err:
+            raise type(err)(f"{final} exists but is not a complete dataset ({err}) Delete "
+                            f"{final} and run again.") from err
         print(f"{entry.title} is already at {final}.")
         return final
 
@@ -266,7 +267,12 @@ def download(name: str, root: str | os.PathLike, *, url_override: str | None = N
         extracted = safe_extract(archive, work / "extracted", max_bytes=limit)
         print(f"Arranging {entry.title} in the MVTec layout ...")
         entry.converter(extracted, work / "converted")
-        check_no_links(work / "converted")
+        try:
+            check_no_links(work / "converted")
+        except UnsafeArchiveError as err:
+            raise UnsafeArchiveError(f"{archive}, once converted: {err} Nothing was moved to "
+                                     f"{final}; delete {archive.name} and download it again."
+                                     ) from err
         categories = check_layout(work / "converted", entry.categories)
         os.replace(work / "converted", final)
     finally:
@@ -274,7 +280,6 @@ def download(name: str, root: str | os.PathLike, *, url_override: str | None = N
     print(f"{entry.title}: {len(categories)} categories in {final}\n"
           f"Use it with:  export ADLAB_DATA={final}")
     return final
-
 
 
 if __name__ == "__main__":  # pragma: no cover - the CLI lives in data_scripts/download.py
