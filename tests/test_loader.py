@@ -150,6 +150,9 @@ def test_val_needs_a_fraction_and_valid_values(root):
         load_dataset("widget", "train", root=root, image_size=4, val_fraction=1.0)
     with pytest.raises(ValueError, match="split"):
         load_dataset("widget", "validation", root=root, image_size=4)
+    for size in (0, -2):  # 0 once fell back to the profile's size silently
+        with pytest.raises(ValueError, match="image_size must be a positive integer"):
+            load_dataset("widget", "train", root=root, image_size=size)
 
 
 # --------------------------------------------------------------------------- bad input
