@@ -119,10 +119,17 @@ def test_gaussian_blur_matches_scipy(sigma, size):
         np.testing.assert_allclose(g, scipy.ndimage.gaussian_filter(m, sigma), rtol=1e-10, atol=1e-12)
 
 
-def test_smooth_map_is_at_input_resolution_and_keeps_a_constant():
-    out = smooth_map(torch.full((3, 8, 8), 2.5), (64, 48), sigma=4.0)
-    assert out.shape == (3, 64, 48)
-    torch.testing.assert_close(out, torch.full((3, 64, 48), 2.5))
+def test_smooth_map_is_bilinear_upsampling_then_scipy_blur():
+    # Reference: skimage's bilinear resize (pixel-centre aligned, edges clamped) followed by
+    # scipy.ndimage.gaussian_filter(sigma=4), the official PatchCore RescaleSegmentor's steps.
+    import skimage.transform
+
+    scores = torch.rand(2, 8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = smooth_map(scores, (64, 48), sigma=4.0)
+    assert out.shape == (2, 64, 48)
+    for s, o in zip(scores.numpy(), out.numpy()):
+        up = skimage.transform.resize(s, (64, 48), order=1, mode="edge", anti_aliasing=False)
+        np.testing.assert_allclose(o, scipy.ndimage.gaussian_filter(up, 4.0), rtol=1e-5, atol=1e-6)
 
 
 def test_topk_mean_matches_a_sort():

@@ -173,21 +173,47 @@ def test_vector_condition_broadcasts_over_map_positions():
     torch.testing.assert_close(layer.inverse(z1, c_vec), x)
 
 
-def test_soft_clamp_hand_values():
-    s = torch.tensor([-8.0, -1.3, 0.0, 1.3, 8.0], dtype=torch.float64)
-    atan = soft_clamp(s, 2.0, "atan")
-    torch.testing.assert_close(atan[3], torch.tensor(2.0 * 0.636 * math.atan(1.3 / 2.0),
-                                                     dtype=torch.float64))
-    torch.testing.assert_close(soft_clamp(s, 2.0, "tanh")[1],
-                               torch.tensor(2.0 * math.tanh(-0.65), dtype=torch.float64))
-    torch.testing.assert_close(soft_clamp(s, 1.9, "allinone")[3],
-                               torch.tensor(1.9 * math.tanh(0.13), dtype=torch.float64))
-    for act in ("atan", "tanh", "allinone"):
-        out = soft_clamp(s, 2.0, act)
-        assert out.abs().max() < 2.0 and out[2] == 0 and torch.all(out.diff() > 0)
+def _freia_subnet(c_in, c_out):
+    return nn.Linear(c_in, c_out)
+
+
+def test_soft_clamp_allinone_equals_freia_allinone_block():
+    # FrEIA's AllInOneBlock._affine on fixed coefficients: x = 1 and zero shift leave
+    # log(output) = its clamped log-scale, and its log-det the sum of it.
+    from FrEIA.modules import AllInOneBlock
+
+    a = torch.tensor([[-30.0, -4.0, 0.0, 2.5, 40.0, 0.0, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    block = AllInOneBlock([(5,)], subnet_constructor=_freia_subnet, affine_clamping=1.9)
+    y, logdet = block._affine(torch.ones(1, 5, dtype=torch.float64), a.clone())
+    ours = soft_clamp(a[:, :5], 1.9, "allinone")
+    torch.testing.assert_close(ours, torch.log(y), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours.sum(1), logdet, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("ours_name,freia_name", [("atan", "ATAN"), ("tanh", "TANH")])
+def test_soft_clamp_atan_tanh_equal_freia_after_the_cs_flow_rescaling(ours_name, freia_name):
+    # FrEIA's GLOWCouplingBlock clamps as clamp * f(s); CS-Flow / DifferNet's copy divides by
+    # clamp first (clamp * 0.636 * atan(s / clamp), cs-flow freia_funcs.py), as soft_clamp does.
+    # So soft_clamp(clamp * u) must equal FrEIA's clamp of u, with FrEIA's own f.
+    from FrEIA.modules import GLOWCouplingBlock
+
+    u = torch.tensor([-30.0, -2.0, -0.4, 0.0, 0.7, 3.0, 50.0], dtype=torch.float64)
+    for clamp in (1.5, 3.0):
+        block = GLOWCouplingBlock([(4,)], subnet_constructor=_freia_subnet, clamp=clamp,
+                                  clamp_activation=freia_name)
+        torch.testing.assert_close(soft_clamp(clamp * u, clamp, ours_name),
+                                   block.clamp * block.f_clamp(u), rtol=1e-12, atol=1e-12)
+        out = soft_clamp(clamp * u, clamp, ours_name)
+        assert out.abs().max() <= clamp and torch.all(out.diff() > 0)
+
+
+def test_soft_clamp_off_and_errors():
+    s = torch.tensor([-8.0, 0.0, 8.0])
     assert torch.equal(soft_clamp(s, None), s) and torch.equal(soft_clamp(s, 2.0, "none"), s)
     with pytest.raises(ValueError, match="clamp activation"):
         soft_clamp(s, 2.0, "relu")
+    with pytest.raises(ValueError, match="positive"):
+        soft_clamp(s, -1.0, "atan")
 
 
 def test_actnorm_data_dependent_init_gives_zero_mean_unit_variance():
@@ -427,7 +453,8 @@ def moons_flow(n_layers: int = 4, hidden: int = 32) -> SequentialFlow:
 def test_two_moons_adlab_and_normflows_fit_to_the_same_nll():
     """Both implementations, same initial parameters, data and batches, reach the same NLL.
 
-    250 Adam steps (lr 3e-3, batch 256); measured |difference| ~1e-3 nats, asserted < 0.15.
+    250 Adam steps (lr 3e-3, batch 256); measured |difference| 3e-4 nats (float32 rounding
+    accumulated over the steps), asserted < 0.01.
     Both must also beat a full-covariance Gaussian fitted to the data by 0.3 nats.
     """
     X, _ = make_moons(n_samples=3000, noise=0.08, random_state=0)
@@ -461,5 +488,5 @@ def test_two_moons_adlab_and_normflows_fit_to_the_same_nll():
     gauss = torch.distributions.MultivariateNormal(train.mean(0), torch.cov(train.T))
     gauss_nll = -gauss.log_prob(test).mean().item()
     assert abs(before[0] - before[1]) < 1e-4
-    assert abs(after[0] - after[1]) < 0.15, (before, after)
+    assert abs(after[0] - after[1]) < 0.01, (before, after)
     assert max(after) < gauss_nll - 0.3, (after, gauss_nll)
