@@ -86,6 +86,23 @@ class RandomBatches:
         self.order, self.position = state["order"].clone(), int(state["position"])
 
 
+def holdout(images: torch.Tensor, fraction: float = 0.1,
+            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split training images into ``(fit, validation)`` by a seeded random draw.
+
+    The validation images choose checkpoints, thresholds and normalisation statistics:
+    drawn from the *training* images (never the test set, which most official repos use),
+    at random (never a sorted cut; real datasets are sorted by capture session). The same
+    rule as ``load_dataset(..., split="val")``: :func:`adlab.data.mvtec.val_indices`.
+    """
+    from adlab.data.mvtec import val_indices
+
+    val = val_indices(len(images), fraction, seed)
+    keep = torch.ones(len(images), dtype=torch.bool)
+    keep[val] = False
+    return images[keep], images[val]
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path: str | Path, state: dict) -> None:

@@ -241,3 +241,16 @@ def test_the_bar_is_one_text_line_when_outputs_are_recorded(monkeypatch, capsys)
     train(loss_fn, RandomBatches(data, 16), 20, opt, {"m": model}, desc="fit")
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("fit: 100%|") and "20/20" in lines[0]
+
+
+def test_holdout_is_a_seeded_random_partition_of_the_training_images():
+    from adlab.train import holdout
+
+    images = torch.arange(40, dtype=torch.float32).view(40, 1, 1, 1)
+    fit, val = holdout(images, 0.1, seed=3)
+    assert len(val) == 4 and len(fit) == 36
+    ids = sorted(fit.flatten().tolist() + val.flatten().tolist())
+    assert ids == list(range(40))                         # a partition, nothing lost
+    assert val.flatten().tolist() != [36.0, 37.0, 38.0, 39.0]  # not a sorted cut
+    assert torch.equal(holdout(images, 0.1, seed=3)[1], val)  # seeded
+    assert not torch.equal(holdout(images, 0.1, seed=4)[1], val)

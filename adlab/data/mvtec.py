@@ -251,7 +251,7 @@ def _images_in(folder: Path) -> list[Path]:
     return paths
 
 
-def _val_indices(n: int, val_fraction: float, seed: int) -> list[int]:
+def val_indices(n: int, val_fraction: float, seed: int) -> list[int]:
     """A seeded random subset of ``range(n)`` of size ``round(val_fraction * n)`` (>= 1).
 
     Random, never a sorted cut: real datasets are sorted by capture session.
@@ -274,7 +274,7 @@ def _train_files(folder: Path, split: str, val_fraction: float, seed: int) -> li
     if split == "val" and val_fraction <= 0:
         raise ValueError("split='val' needs val_fraction > 0 (e.g. val_fraction=0.1): the "
                          "validation images are drawn from the training images.")
-    val = set(_val_indices(len(paths), val_fraction, seed))
+    val = set(val_indices(len(paths), val_fraction, seed))
     keep = (lambda i: i in val) if split == "val" else (lambda i: i not in val)
     return [p for i, p in enumerate(paths) if keep(i)]
 
