@@ -386,6 +386,7 @@ def test_cli_refuses_every_crafted_archive(cli, sandbox, case, capsys):
     assert snapshot(sandbox) == before                # the archive is kept, nothing else
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "\n" not in error and "MPDD.zip" in error
+    assert "download it again" in error                 # what to do, on the same line
 
 
 def test_moved_link_case_as_a_command(sandbox):
