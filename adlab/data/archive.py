@@ -13,8 +13,8 @@ writing anything, if a member
 * shares its name with another member (compared ignoring case, as macOS and Windows do), or
   lies below a member that is a file;
 * makes the archive a decompression bomb (2 GiB of zeros compress to about 2 MB):
-  a zip member, or the archive as a whole, expands more than :data:`MAX_RATIO`-fold beyond
-  :data:`RATIO_GRACE`, or the members add up to more than ``max_bytes``
+  a zip member, or the archive as a whole, is larger than :data:`RATIO_GRACE` and expands more
+  than :data:`MAX_RATIO`-fold, or the members add up to more than ``max_bytes``
   (:func:`adlab.data.download.download` passes :data:`SIZE_FACTOR` times the catalogue's archive
   size, or :data:`MAX_TOTAL_BYTES` when the size is unknown).
 
@@ -46,8 +46,8 @@ from adlab.progress import progress
 __all__ = ["safe_extract", "check_no_links", "split_name", "is_absolute",
            "MAX_RATIO", "RATIO_GRACE", "MAX_TOTAL_BYTES", "SIZE_FACTOR"]
 
-MAX_RATIO = 100               # uncompressed / compressed; images and masks compress < 10-fold
-RATIO_GRACE = 16 << 20        # 16 MiB: smaller members/archives may compress as well as they like
+MAX_RATIO = 100               # uncompressed / compressed: PNG and JPEG images barely compress
+RATIO_GRACE = 16 << 20        # up to 16 MiB a member may compress any amount (a blank BMP mask)
 SIZE_FACTOR = 4               # download(): unpack at most 4x the catalogue's archive size
 MAX_TOTAL_BYTES = 32 << 30    # 32 GiB when the size is unknown: 6x MVTec AD, the largest here
 CHUNK = 1 << 20               # 1 MiB write chunks
