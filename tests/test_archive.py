@@ -195,7 +195,7 @@ def sandbox(tmp_path):
     (case, tar_filter) for case in CASES for tar_filter in ("no-tar-filter", "tar-filter")
     if case.startswith("tar") or tar_filter == "no-tar-filter"])   # zips never use it
 def test_crafted_archive_is_refused_with_nothing_written(sandbox, monkeypatch, case, tar_filter):
-    if tar_filter == "no-tar-filter":      # as on Python 3.10 and 3.11.0-3.11.3
+    if tar_filter == "no-tar-filter":      # as on Python 3.10.0-3.10.11 and 3.11.0-3.11.3
         monkeypatch.setattr(arc, "_tar_data_filter", None)
     suffix, data = corpus(sandbox / "outside")[case]
     archive = sandbox / f"evil{suffix}"

@@ -22,7 +22,7 @@ Sizes are checked on the sizes the headers declare, member by member as the list
 header is refused before the data behind it is decompressed). Headers can lie, so while writing
 no member may write more bytes than it declared: the limits hold for what reaches the disk.
 These checks are our own, the same on every Python version; where ``tarfile`` has
-``data_filter`` (Python >= 3.11.4) it is asked too, as a second opinion.
+``data_filter`` (Python 3.12, and 3.10.12 / 3.11.4 on) it is asked too, as a second opinion.
 
 Whatever a refused or failed extraction wrote is removed again; the archive itself is kept.
 After conversion, :func:`check_no_links` makes sure the finished dataset holds no link at all.
@@ -52,7 +52,7 @@ SIZE_FACTOR = 4               # download(): unpack at most 4x the catalogue's ar
 MAX_TOTAL_BYTES = 32 << 30    # 32 GiB when the size is unknown: 6x MVTec AD, the largest here
 CHUNK = 1 << 20               # 1 MiB write chunks
 
-# Python >= 3.11.4 / 3.12: tarfile's own member filter, a second opinion after our checks.
+# Python 3.12, 3.11.4+, 3.10.12+: tarfile's own member filter, a second opinion after ours.
 _tar_data_filter = getattr(tarfile, "data_filter", None)
 
 _SPECIAL = {stat.S_IFLNK: "symbolic link", stat.S_IFCHR: "character device",
