@@ -25,7 +25,7 @@ from pathlib import Path
 import nbformat
 
 # nbgrader's ClearSolutions finds a solution region by these substrings anywhere in a
-# line (nbgrader/preprocessors/clearsolutions.py, `begin_solution_delimeter`).
+# line (jupyter/nbgrader 0.9.6, nbgrader/preprocessors/clearsolutions.py:31-39).
 BEGIN, END = "BEGIN SOLUTION", "END SOLUTION"
 DEFAULT_POINTS = 1
 INSTALL_HINT = ('nbgrader is not installed; install the teaching extra: '
@@ -33,7 +33,7 @@ INSTALL_HINT = ('nbgrader is not installed; install the teaching extra: '
 
 
 def _meta(grade_id: str, *, solution: bool, points: float | None = None) -> dict:
-    """nbgrader cell metadata, schema version 3 (nbgrader/nbgraderformat/v3.json)."""
+    """nbgrader cell metadata, schema version 3 (nbgrader 0.9.6, nbgrader/nbgraderformat/v3.json)."""
     meta = {"grade": points is not None, "grade_id": grade_id, "locked": not solution,
             "schema_version": 3, "solution": solution, "task": False}
     if points is not None:
@@ -84,7 +84,7 @@ def student_version(nb):
     """The notebook a student gets: tagged, solutions stubbed, outputs and hidden tests cleared.
 
     Uses nbgrader's preprocessors, in the order ``nbgrader generate_assignment`` runs them
-    (nbgrader/converters/generate_assignment.py, ``preprocessors``): LockCells (check
+    (nbgrader 0.9.6, nbgrader/converters/generate_assignment.py:59-72): LockCells (check
     cells become read-only in Jupyter), ClearSolutions (each solution region becomes
     ``# YOUR CODE HERE`` / ``raise NotImplementedError()``), ClearOutput, ClearHiddenTests.
     The nbgrader metadata stays, so the result can be graded. Returns a new notebook.
@@ -101,9 +101,9 @@ def student_version(nb):
 def _failure(cell) -> str | None:
     """Why a graded cell earns nothing, or None when it passed.
 
-    nbgrader's rule (nbgrader/utils.py, ``determine_grade``): a grade code cell whose
-    outputs hold an error or anything written to stderr gets 0 points, otherwise all of
-    them. (nbgrader also reads a numeric last-expression result as partial credit; the
+    nbgrader's rule (nbgrader 0.9.6, nbgrader/utils.py:128-161, ``determine_grade``): a
+    grade code cell whose outputs hold an error or anything written to stderr gets 0
+    points, otherwise all of them. (nbgrader also reads a numeric last-expression result as partial credit; the
     check cells here end with ``print``, so that case is not implemented.)
     """
     if cell.get("execution_count") is None:
@@ -112,8 +112,8 @@ def _failure(cell) -> str | None:
         if out.output_type == "error":
             return (f"{out.ename}: {out.evalue}" if out.evalue else out.ename).splitlines()[0][:120]
     for out in cell.outputs:
-        if out.output_type == "stream" and out.name == "stderr" and out.text.strip():
-            return "wrote to stderr: " + out.text.strip().splitlines()[0][:100]
+        if out.output_type == "stream" and out.name == "stderr":
+            return "wrote to stderr: " + (out.text.strip().splitlines() or [""])[0][:100]
     return None
 
 
@@ -212,12 +212,10 @@ def grade_main(argv) -> int:
     if not args.notebook.is_file():
         return _fail(f"no notebook at {args.notebook}")
     try:
-        graded_ids = [c.metadata["nbgrader"]["grade_id"]
-                      for c in nbformat.read(args.notebook, as_version=4).cells
-                      if c.metadata.get("nbgrader", {}).get("grade")]
+        cells = nbformat.read(args.notebook, as_version=4).cells
     except Exception as err:
         return _fail(f"cannot read {args.notebook} as a notebook: {err}".splitlines()[0])
-    if not graded_ids:
+    if not any(c.metadata.get("nbgrader", {}).get("grade") for c in cells):
         return _fail(f"{args.notebook} has no graded cells (no nbgrader metadata); make it "
                      "with `python -m adlab assign` or tag it with adlab.assign.tag_notebook")
     records = score(execute(args.notebook))
