@@ -147,6 +147,7 @@ def explorer(dataset, prediction):
     ``dataset`` is an ADDataset (test split), ``prediction`` its :class:`adlab.Prediction`.
     Returns the sliders and figure of :func:`interactive_figure` (the last expression of a
     cell displays them); when outputs are recorded headless, draws the default view instead.
+    The default view is the first defective image (the first image if there is none).
     """
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
@@ -154,6 +155,7 @@ def explorer(dataset, prediction):
     maps = _np(prediction.maps)
     scores = _np(prediction.scores)
     lo, hi = float(np.quantile(maps, 0.5)), float(maps.max())
+    first = next((i for i, d in enumerate(dataset.defects) if d != "good"), 0)
 
     def draw(image, threshold):
         i, thr = image, threshold
@@ -173,7 +175,7 @@ def explorer(dataset, prediction):
         plt.show()
 
     return interactive_figure(
-        draw, image=widgets.IntSlider(0, 0, len(dataset) - 1, description="image"),
+        draw, image=widgets.IntSlider(first, 0, len(dataset) - 1, description="image"),
         threshold=widgets.FloatSlider(value=float(np.quantile(maps, 0.99)), min=lo, max=hi,
                                       step=(hi - lo) / 200 or 1e-3, description="threshold",
                                       readout_format=".3g"))

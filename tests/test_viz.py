@@ -84,7 +84,7 @@ def test_explorer_redraws_the_chosen_image(live):
     before = plt.get_fignums()
     ui = viz.explorer(ds, Prediction(torch.rand(4), ds.masks.clone()))
     first = _new_figures(before)
-    assert len(first) == 1 and first[0].axes[0].get_title().startswith("good")
+    assert len(first) == 1 and first[0].axes[0].get_title().startswith("hole")  # first defect
     image, threshold = ui.children[:2]
     assert np.isclose(threshold.max, 1.0)
     before = plt.get_fignums()
@@ -103,5 +103,5 @@ def test_explorer_static_shows_a_figure_not_a_widget(static, capsys):
     before = plt.get_fignums()
     assert viz.explorer(ds, Prediction(torch.rand(4), ds.masks.clone())) is None
     assert len(_new_figures(before)) == 1
-    assert capsys.readouterr().out.startswith("(static view: image=0, threshold=")
+    assert capsys.readouterr().out.startswith("(static view: image=2, threshold=")
     plt.close("all")
