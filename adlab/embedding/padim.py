@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from adlab.config import by_profile
 from adlab.detector import Prediction
 from adlab.features import FeatureDetector, batches, images_of, smooth_map, topk_mean
+from adlab.progress import progress as progress_bar
 
 
 @dataclass
@@ -151,8 +151,9 @@ class PaDiM(FeatureDetector):
         self.image_size = tuple(images.shape[-2:])
         extractor = self._extractor()
         self.channels = random_channels(sum(extractor.channels), c.d, c.seed)
-        x = torch.cat([self.embed(b) for b in tqdm(list(batches(images, c.batch_size)),
-                                                   desc="PaDiM: embed train", disable=not progress)])
+        x = torch.cat([self.embed(b) for b in progress_bar(list(batches(images, c.batch_size)),
+                                                           desc="PaDiM: embed train",
+                                                           disable=not progress)])
         self.mu, self.sigma_inv = gaussian_parameters(x, c.epsilon, c.chunk)
         return self
 
