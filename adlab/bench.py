@@ -30,6 +30,7 @@ METHODS = {
     "naive": "adlab.embedding.naive:MeanImageDetector",
     "padim": "adlab.embedding.padim:PaDiM",
     "patchcore": "adlab.embedding.patchcore:PatchCore",
+    "cflow": "adlab.flows.cflow:CFlow",
 }
 METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max",
            "aupro")
