@@ -31,6 +31,7 @@ METHODS = {
     "padim": "adlab.embedding.padim:PaDiM",
     "patchcore": "adlab.embedding.patchcore:PatchCore",
     "cflow": "adlab.flows.cflow:CFlow",
+    "pyramidflow": "adlab.flows.pyramidflow:PyramidFlow",
 }
 METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max",
            "aupro")
