@@ -32,6 +32,7 @@ METHODS = {
     "patchcore": "adlab.embedding.patchcore:PatchCore",
     "cflow": "adlab.flows.cflow:CFlow",
     "pyramidflow": "adlab.flows.pyramidflow:PyramidFlow",
+    "fastflow": "adlab.flows.fastflow:FastFlow",
 }
 METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max",
            "aupro")
