@@ -222,7 +222,8 @@ def _tiny(**kw):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_quick_training_is_finite_and_localises_a_defect(seed):
-    det = PyramidFlow(_tiny(seed=seed, steps=5)).fit(_images(8, seed=seed), progress=False)
+    # 9 images in batches of 4: every third step gets one image, paired with a random one
+    det = PyramidFlow(_tiny(seed=seed, steps=5)).fit(_images(9, seed=seed), progress=False)
     assert len(det.history) == 5 and all(math.isfinite(v) for v in det.history)
     test = _images(2, seed=10 + seed)
     test[1, :, 10:16, 20:26] = 0.0               # a dark square
@@ -245,6 +246,8 @@ def test_user_errors_are_clear():
         PyramidFlow(_tiny(flow_size=30)).fit(_images(4), progress=False)
     with pytest.raises(ValueError, match="encoder must be"):
         PyramidFlow(_tiny(encoder="vgg")).fit(_images(4), progress=False)
+    with pytest.raises(ValueError, match="at least 2 training images"):
+        PyramidFlow(_tiny()).fit(_images(1), progress=False)
     with pytest.raises(RuntimeError, match="fit"):
         PyramidFlow(_tiny()).predict(_images(1))
 
@@ -252,7 +255,7 @@ def test_user_errors_are_clear():
 def test_paper_profile_builds_and_runs(monkeypatch):
     """Paper settings: ResNet-18 stem (random init here), 64 channels, 4 levels, 4 stacks,
     kernel 7, batch 2. The full model is built at the paper's 1024 px input (256 px flow);
-    one training step and one predict run on 128 px images (32 px flow) with the same
+    one training step and one predict run on 64 px images (16 px flow) with the same
     architecture and parameter count: one step at 1024 px is ~3e12 multiply-adds, minutes on a CPU."""
     monkeypatch.setenv("ADLAB_PROFILE", "paper")
     config = PyramidFlowConfig(pretrained=False)
@@ -260,9 +263,9 @@ def test_paper_profile_builds_and_runs(monkeypatch):
             config.batch_size) == ("resnet18", 256, 4, 7, 2)
     full = PyramidFlowNet(64, config.flow_size, 4, config.stacks, config.kernel_size)
     assert len(full.layers) == 16
-    det = PyramidFlow(PyramidFlowConfig(pretrained=False, flow_size=32, steps=1)).fit(
-        torch.rand(2, 3, 128, 128), progress=False)
+    det = PyramidFlow(PyramidFlowConfig(pretrained=False, flow_size=16, steps=1)).fit(
+        torch.rand(2, 3, 64, 64), progress=False)
     assert sum(p.numel() for p in det.flow.parameters()) == sum(p.numel() for p in full.parameters())
     assert det.encoder.channels == 64 and len(det.history) == 1 and math.isfinite(det.history[0])
-    pred = det.predict(torch.rand(1, 3, 128, 128))
-    assert pred.maps.shape == (1, 128, 128) and torch.isfinite(pred.scores).all()
+    pred = det.predict(torch.rand(1, 3, 64, 64))
+    assert pred.maps.shape == (1, 64, 64) and torch.isfinite(pred.scores).all()

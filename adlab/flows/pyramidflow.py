@@ -88,8 +88,8 @@ class PyramidFlowConfig:
     # 1024 px for the ResNet, whose stem divides by 4). Quick: 64, about 16x less work.
     flow_size: int = field(default_factory=lambda: by_profile(quick=64, paper=256))
     # Flow channels for encoder "none" (official --numChannel 16, train.py:120); the ResNet
-    # stem fixes 64 (model.py:288).
-    channels: int = 16
+    # stem fixes 64 (model.py:288). Quick: 8, a quarter of the work in every subnet conv.
+    channels: int = field(default_factory=lambda: by_profile(quick=8, paper=16))
     # Pyramid levels (official --numLayer auto, train.py:136-142: 4; 8 for metal_nut, carpet,
     # transistor; 2 for screw). None: the official choice for the category, else 4.
     levels: int | None = None
@@ -112,10 +112,11 @@ class PyramidFlowConfig:
     eps: float = 1e-4
     weight_decay: float = 1e-5
     grad_clip: float = 1.0
-    # Batch (official --batchSize 2, train.py:124: one pair). Quick: 8 images, 28 pairs per step.
-    batch_size: int = field(default_factory=lambda: by_profile(quick=8, paper=2))
+    # Batch (official --batchSize 2, train.py:124: one pair). Quick: 4 images, 6 pairs per step.
+    batch_size: int = field(default_factory=lambda: by_profile(quick=4, paper=2))
     # Optimiser steps. Official: 15 epochs (train.py:40), ~1900 steps of 2 on 250 images.
-    steps: int = field(default_factory=lambda: by_profile(quick=60, paper=2000))
+    # Quick: 40 steps (160 images, under 3 passes over the 60 synthetic training images).
+    steps: int = field(default_factory=lambda: by_profile(quick=40, paper=2000))
     # None: the profile's choice (pretrained in the paper profile, random init in quick).
     pretrained: bool | None = None
     seed: int = 0
@@ -525,6 +526,9 @@ class PyramidFlow:
 
         c = self.config
         images = images_of(train)
+        if len(images) < 2:
+            raise ValueError("PyramidFlow trains on pairs of images: it needs at least 2 training "
+                             f"images, got {len(images)}.")
         self._resolve(getattr(train, "category", None))
         self.encoder = Encoder(c.encoder, c.channels, c.pretrained, c.seed).to(self.device)
         with torch.random.fork_rng(devices=[]):
@@ -534,10 +538,15 @@ class PyramidFlow:
                                        c.seed).to(self.device)
         optimizer = ClippedAdam(self.flow.parameters(), c.grad_clip, lr=c.lr, betas=c.betas,
                                 eps=c.eps, weight_decay=c.weight_decay)
-        self.history = train_loop(self.loss, RandomBatches(images, min(c.batch_size, len(images)),
-                                                           c.seed),
-                                  c.steps, optimizer, {"flow": self.flow}, seed=c.seed,
-                                  desc="PyramidFlow", progress=progress)
+
+        def loss_fn(batch: Tensor) -> Tensor:
+            if len(batch) < 2:      # an epoch's last, single image: pair it with a random one
+                batch = torch.cat([batch, images[torch.randint(len(images), (1,))]])
+            return self.loss(batch)
+
+        batches_ = RandomBatches(images, min(c.batch_size, len(images)), c.seed)
+        self.history = train_loop(loss_fn, batches_, c.steps, optimizer, {"flow": self.flow},
+                                  seed=c.seed, desc="PyramidFlow", progress=progress)
         self.flow.eval()
         with torch.no_grad():
             self.template = latent_template([self.latents(b) for b in batches(images, c.predict_batch)])
