@@ -33,6 +33,7 @@ METHODS = {
     "cflow": "adlab.flows.cflow:CFlow",
     "pyramidflow": "adlab.flows.pyramidflow:PyramidFlow",
     "fastflow": "adlab.flows.fastflow:FastFlow",
+    "csflow": "adlab.flows.csflow:CSFlow",
 }
 METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max",
            "aupro")
