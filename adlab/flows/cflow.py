@@ -195,10 +195,16 @@ def likelihood_map(log_p: list[Tensor], log_p_max: list[float], size: tuple[int,
     shift to ``(-inf, 0]``, exp to "probabilities" in (0, 1], bilinear upsampling with
     ``align_corners=True``, sum. Computed in float64 as the official code does. The anomaly
     map is a constant minus this (:meth:`CFlow.predict`).
+
+    Ours, not official: the shifted value is capped at 0. The official maximum is over the
+    very fibres being scored, so the shift is never positive; with a maximum from validation
+    images a test fibre can be more likely still (and an untrained flow's can overflow exp to
+    inf). The cap keeps the official range (0, 1] and only touches fibres more likely than
+    every validation fibre, which are normal either way.
     """
     total = 0.0
     for lp, top in zip(log_p, log_p_max):
-        prob = torch.exp(lp.double() - top)
+        prob = torch.exp((lp.double() - top).clamp(max=0.0))
         total = total + F.interpolate(prob.unsqueeze(1), size=tuple(size), mode="bilinear",
                                       align_corners=True)[:, 0]
     return total
@@ -303,6 +309,7 @@ class CFlow(FeatureDetector):
             cflow_decoder(ch, c.condition_vec, c.coupling_blocks, c.clamp, seed=c.seed + 17 * l)
             for l, ch in enumerate(self._extractor().channels)).to(self.device)
 
+    @torch.no_grad()
     def layer_log_p(self, images: Tensor) -> list[Tensor]:
         """``log p / C`` of every fibre: a list of ``[B, h_l, w_l]`` maps, one per layer."""
         c, out = self.config, []
