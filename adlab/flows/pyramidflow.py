@@ -25,11 +25,11 @@ code does (gasharper/PyramidFlow, commit 6977d5a; cited below as file:line):
 4. Volume normalisation (supplementary, "Volume Normalization"; ``model.py:87-104,
    174-176``): the log-scales of every coupling have their batch mean removed, and the 1x1
    convolutions have determinant 1: :class:`VolumeNorm`, :class:`VolumePreservingConv1x1`.
-5. Loss (Fig. 2(a), "Fourier loss"; ``train.py:47-50``, ``util.py:121-134``): for every
+5. Loss (Fig. 2, "Fourier loss"; ``train.py:47-50``, ``util.py:121-134``): for every
    pair of images in the batch, the squared latent differences of each level are recomposed
    into one map, averaged over channels, and the mean magnitude of its 2-D Fourier transform
    is minimised: :func:`pairwise_differences`, :func:`fourier_loss`.
-6. Template and map (Fig. 2(b); ``train.py:59-86``): the template is the mean latent pyramid
+6. Template and map (Fig. 2; ``train.py:59-86``): the template is the mean latent pyramid
    of the training images (:func:`latent_template`); the anomaly map is the channel mean of
    the recomposed ``|latent - template|`` (:func:`anomaly_map`), the image score its
    maximum.
@@ -54,6 +54,7 @@ Where we differ from the official code, and why:
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -114,13 +115,15 @@ class PyramidFlowConfig:
     grad_clip: float = 1.0
     # Batch (official --batchSize 2, train.py:124: one pair). Quick: 4 images, 6 pairs per step.
     batch_size: int = field(default_factory=lambda: by_profile(quick=4, paper=2))
-    # Optimiser steps. Official: 15 epochs (train.py:40), ~1900 steps of 2 on 250 images.
+    # Optimiser steps. Official: 15 epochs (train.py:40): ~1900 steps of 2 for 250 images.
     # Quick: 40 steps (160 images, under 3 passes over the 60 synthetic training images).
     steps: int = field(default_factory=lambda: by_profile(quick=40, paper=2000))
     # None: the profile's choice (pretrained in the paper profile, random init in quick).
     pretrained: bool | None = None
     seed: int = 0
     predict_batch: int = 16    # images per forward pass at test time (memory only)
+    # Train and predict with one CPU thread (see one_thread); the paper-size flow wants all.
+    single_thread: bool = field(default_factory=lambda: by_profile(quick=True, paper=False))
 
 
 # ----------------------------------------------------------------------------- the pyramid
@@ -204,7 +207,7 @@ class VolumeNorm(nn.Module):
             return s - self.running_mean
         mean = s.mean(dim=self.DIMS[self.mode], keepdim=True)
         with torch.no_grad():
-            self.running_mean.lerp_(mean, self.momentum)
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
         return s - mean
 
 
@@ -386,7 +389,7 @@ def pairwise_differences(latents: list[Tensor]) -> list[Tensor]:
 
 
 def fourier_loss(latents: list[Tensor]) -> Tensor:
-    """Fig. 2(a) "Fourier loss" (train.py:47-50): ``mean |FFT2(mean_c compose((Y_i - Y_j)^2))|``.
+    """Fig. 2 "Fourier loss" (train.py:47-50): ``mean |FFT2(mean_c compose((Y_i - Y_j)^2))|``.
 
     The squared differences of every pair are recomposed through the pyramid into one
     full-size map per pair, averaged over channels, and the magnitude of its 2-D discrete
@@ -398,7 +401,7 @@ def fourier_loss(latents: list[Tensor]) -> Tensor:
 
 @torch.no_grad()
 def latent_template(latents: list[list[Tensor]]) -> list[Tensor]:
-    """Fig. 2(b): the latent template, the mean latent pyramid over the training images.
+    """Fig. 2: the latent template, the mean latent pyramid over the training images.
 
     ``latents`` is a list of batches, each a list of levels; returns one ``[1, C, h, w]``
     tensor per level (train.py:61-68).
@@ -409,7 +412,7 @@ def latent_template(latents: list[list[Tensor]]) -> list[Tensor]:
 
 
 def anomaly_map(latents: list[Tensor], template: list[Tensor]) -> Tensor:
-    """Fig. 2(b) (train.py:77-78): ``mean_c compose(|Y_l - T_l|)``, a ``[B, H, W]`` map."""
+    """Fig. 2 (train.py:77-78): ``mean_c compose(|Y_l - T_l|)``, a ``[B, H, W]`` map."""
     return compose_pyramid([(y - t).abs() for y, t in zip(latents, template)]).mean(1)
 
 
@@ -471,6 +474,24 @@ def augment(images: Tensor) -> Tensor:
     return torch.stack(out)
 
 
+@contextmanager
+def one_thread(enabled: bool = True):
+    """Run the block with one PyTorch CPU thread (``single_thread`` in the config).
+
+    The quick flow's convolutions are tiny (8 channels at 64 px): splitting each over two
+    threads saves little, and on a shared CPU it costs a lot, because every operation waits
+    for both threads. Measured on the 2-core machine with other jobs running, 40 training
+    steps on ``weave`` took ~35 s with one thread and ~10 min with two.
+    """
+    previous = torch.get_num_threads()
+    if enabled:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class PyramidFlow:
     """PyramidFlow detector: ``fit(train)`` then ``predict(images) -> Prediction``.
 
@@ -488,8 +509,8 @@ class PyramidFlow:
         self.device = device()
         self.flow = self.template = None
 
-    # the official per-category choices (train.py:130-142, util.py:60-67)
     def _resolve(self, category: str | None) -> None:
+        """The official per-category choices (train.py:130-142, util.py:60-67)."""
         c = self.config
         self.levels = c.levels or (8 if category in EIGHT_LEVEL_CATEGORIES else
                                    2 if category == "screw" else 4)
@@ -545,11 +566,13 @@ class PyramidFlow:
             return self.loss(batch)
 
         batches_ = RandomBatches(images, min(c.batch_size, len(images)), c.seed)
-        self.history = train_loop(loss_fn, batches_, c.steps, optimizer, {"flow": self.flow},
-                                  seed=c.seed, desc="PyramidFlow", progress=progress)
-        self.flow.eval()
-        with torch.no_grad():
-            self.template = latent_template([self.latents(b) for b in batches(images, c.predict_batch)])
+        with one_thread(c.single_thread):
+            self.history = train_loop(loss_fn, batches_, c.steps, optimizer, {"flow": self.flow},
+                                      seed=c.seed, desc="PyramidFlow", progress=progress)
+            self.flow.eval()
+            with torch.no_grad():
+                self.template = latent_template([self.latents(b)
+                                                 for b in batches(images, c.predict_batch)])
         return self
 
     @torch.no_grad()
@@ -562,7 +585,8 @@ class PyramidFlow:
             raise ValueError(f"predict expects images [B, 3, H, W] in [0, 1]; got shape "
                              f"{tuple(images.shape)}.")
         self.flow.eval()
-        maps = anomaly_map(self.latents(images), self.template)
+        with one_thread(self.config.single_thread):
+            maps = anomaly_map(self.latents(images), self.template)
         maps = F.interpolate(maps[:, None], size=images.shape[-2:], mode="bilinear",
                              align_corners=False)[:, 0]
         return Prediction(maps.flatten(1).amax(1), maps)
