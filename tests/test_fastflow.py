@@ -173,12 +173,12 @@ def test_transformer_path_tiny():
 def test_paper_profile_readiness(monkeypatch):
     """WideResNet-50 at 256 px, 8 full-width steps, random init: one step and one predict on CPU."""
     monkeypatch.setenv("ADLAB_PROFILE", "paper")
-    d = FastFlow(pretrained=False, epochs=1, batch_size=2, val_fraction=0.0)
+    d = FastFlow(pretrained=False, epochs=1, batch_size=1, val_fraction=0.0)
     c = d.config
     assert (c.backbone, c.flow_steps, c.hidden_ratio, c.conv3x3_only) == \
         ("wide_resnet50_2", 8, 1.0, False)
     assert (c.lr, c.weight_decay, c.clamp) == (1e-3, 1e-5, 2.0)
-    d.fit(_images(2, size=256), progress=False)
+    d.fit(_images(1, size=256), progress=False)
     assert d.model.shapes == [(256, 64, 64), (512, 32, 32), (1024, 16, 16)]
     assert len(d.history) == 1 and math.isfinite(d.history[0])
     pred = d.predict(_images(1, size=256))
@@ -190,3 +190,14 @@ def test_model_rejects_wrong_feature_shapes():
                       conv3x3_only=True, clamp=2.0)
     with pytest.raises(ValueError, match="fitted on feature maps"):
         m([torch.randn(1, 4, 3, 3)])
+
+
+def test_paper_transformer_path_readiness():
+    """The reference DeiT config (384 px, block 7 of deit_base_distilled, 20 steps, ratio 0.16)."""
+    d = FastFlow(backbone="deit_base_distilled_patch16_384", pretrained=False, epochs=1,
+                 batch_size=1, val_fraction=0.0)
+    assert (d.config.flow_steps, d.config.hidden_ratio, d.config.block) == (20, 0.16, 7)
+    d.fit(_images(1, size=384), progress=False)
+    assert d.model.shapes == [(768, 24, 24)]          # cls and distillation tokens dropped
+    assert math.isfinite(d.history[0])
+    assert d.predict(_images(1, size=384)).maps.shape == (1, 384, 384)

@@ -105,7 +105,7 @@ class FastFlowConfig:
     # constants.py:33: batch 32; quick: 16 (the synthetic categories have 60 training images).
     batch_size: int = field(default_factory=lambda: by_profile(quick=16, paper=32))
     # constants.py:34: 500 epochs; quick: a CPU budget of a few seconds per category.
-    epochs: int = field(default_factory=lambda: by_profile(quick=30, paper=500))
+    epochs: int = field(default_factory=lambda: by_profile(quick=10, paper=500))
     # Ours (the reference code evaluates on the test set every 10 epochs, constants.py:39):
     # the validation loss every eval_every epochs picks the weights kept.
     eval_every: int = field(default_factory=lambda: by_profile(quick=5, paper=10))
