@@ -34,6 +34,7 @@ METHODS = {
     "pyramidflow": "adlab.flows.pyramidflow:PyramidFlow",
     "fastflow": "adlab.flows.fastflow:FastFlow",
     "csflow": "adlab.flows.csflow:CSFlow",
+    "differnet": "adlab.flows.differnet:DifferNet",
 }
 METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max",
            "aupro")
