@@ -263,7 +263,8 @@ def test_paper_profile_builds_and_runs(monkeypatch):
             config.batch_size) == ("resnet18", 256, 4, 7, 2)
     full = PyramidFlowNet(64, config.flow_size, 4, config.stacks, config.kernel_size)
     assert len(full.layers) == 16
-    det = PyramidFlow(PyramidFlowConfig(pretrained=False, flow_size=16, steps=1)).fit(
+    det = PyramidFlow(PyramidFlowConfig(pretrained=False, flow_size=16, steps=1,  # tiny: 1 thread
+                                        single_thread=True)).fit(
         torch.rand(2, 3, 64, 64), progress=False)
     assert sum(p.numel() for p in det.flow.parameters()) == sum(p.numel() for p in full.parameters())
     assert det.encoder.channels == 64 and len(det.history) == 1 and math.isfinite(det.history[0])
