@@ -22,13 +22,27 @@ the official code does (amazon-science/patchcore-inspection, commit fcaa92f,
 3. Scoring (Sec. 3.3): patch score = squared L2 distance to the nearest memory
    entry (the official search is faiss ``IndexFlatL2``, which returns squared
    distances, ``common.py:43-48``); image score = the largest patch score
-   (``patchcore.py:218`` and ``313-319``, ``PatchMaker.score``); the map is the patch scores
-   upsampled bilinearly and blurred with a Gaussian, sigma = 4 (``common.py:186-207``, ``RescaleSegmentor``).
+   (``patchcore.py:218`` and ``313-319``, ``PatchMaker.score``); the map is the patch
+   scores upsampled bilinearly and blurred with a Gaussian, sigma = 4
+   (``common.py:186-207``, ``RescaleSegmentor``). Paper profile: the central 224 of
+   256 px, as the official run (``--resize 256 --imagesize 224``).
 
-Bounded for a CPU (our addition, not in the paper): the layers are chosen by the
-input size so that the patch grid stays near the paper's 28 x 28, and at most
-``max_patches`` training patches (drawn evenly from every image while the
-features are extracted) enter the coreset selection.
+Where this file differs from the official code, and why:
+
+* Layers: chosen by the input size (:func:`patch_layers`) so that the patch grid stays
+  near the paper's 28 x 28 (layer2 + layer3 at 224-256 px, as official; layer1 + layer2
+  at the quick profile's 128 px). A fixed pair would give 64 x 64 patches at 256 px
+  with layer1, 3.1 M patches for 762 images.
+* Memory bound (quick profile only): at most ``max_patches`` training patches, drawn
+  evenly from every image while the features are extracted, enter the coreset
+  selection; the official code keeps all of them (``max_patches=None``, paper profile).
+* Each layer is pooled to ``pretrain_dim`` before, not after, the upsampling: the same
+  result (linear maps on different axes), less to upsample. Quick profile: 256 / 256
+  dimensions instead of 1024 / 1024.
+* Eq. (7)'s reweighting of the image score is available (``b > 1``) but off by default,
+  as in the official code.
+* With ``crop < 1``, ``predict`` returns maps of the whole input (the crop's map, its
+  edge values repeated over the border) where the official code evaluates the crop only.
 """
 from __future__ import annotations
 
