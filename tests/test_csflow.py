@@ -178,7 +178,7 @@ def test_image_pyramid_is_nearest_subsampling():
 # ----------------------------------------------------------------------------- backbone
 
 def test_paper_trunk_is_efficientnet_b5_block_35():
-    """Official block 35 (0-based, of 39) is the last of timm's stage blocks.5: 304 ch, stride 32."""
+    """Official block 35 (0-based, of 39) is the last of timm's stage blocks.5: 304 ch, stride 32"""
     trunk = feature_trunk("tf_efficientnet_b5", "blocks.5", pretrained=False)
     blocks = [m for m in trunk.modules() if type(m).__name__ in
               ("DepthwiseSeparableConv", "InvertedResidual")]

@@ -76,8 +76,9 @@ class CSFlowConfig:
     n_scales: int = 3
     # config.py:24: n_coupling_blocks = 4.
     n_blocks: int = 4
-    # config.py:25: fc_internal = 1024 hidden channels in every subnetwork conv. Quick: 64.
-    hidden: int = field(default_factory=lambda: by_profile(quick=64, paper=1024))
+    # config.py:25: fc_internal = 1024 hidden channels in every subnetwork conv. Quick: 32
+    # (a training step costs ~0.3 s of one CPU core at 128 px with 32).
+    hidden: int = field(default_factory=lambda: by_profile(quick=32, paper=1024))
     # config.py:38: kernel 3 in every block but the last, which uses 5. None: that rule.
     kernel_sizes: tuple | None = None
     # config.py:22: clamp = 3 for the atan soft clamp (freia_funcs.py:182).
@@ -86,13 +87,13 @@ class CSFlowConfig:
     leaky_slope: float = 0.1
     # Sec. 3.2: the cross-scale connections; False gives independent scales (the ablation).
     cross_scale: bool = True
-    # config.py:42-43: 4 x 60 = 240 epochs. Quick: see the notebook's loss curve.
-    epochs: int = field(default_factory=lambda: by_profile(quick=60, paper=240))
-    # config.py:37: batch_size = 16.
-    batch_size: int = 16
-    # train.py:12 and config.py:26: Adam, lr 2e-4, eps 1e-4, weight decay 1e-5. Quick: 1e-3
+    # config.py:42-43: 4 x 60 = 240 epochs. Quick: 12 epochs of 60 images, 96 steps of 8.
+    epochs: int = field(default_factory=lambda: by_profile(quick=12, paper=240))
+    # config.py:37: batch_size = 16. Quick: 8 (more, cheaper steps).
+    batch_size: int = field(default_factory=lambda: by_profile(quick=8, paper=16))
+    # train.py:12 and config.py:26: Adam, lr 2e-4, eps 1e-4, weight decay 1e-5. Quick: 2e-3
     # for the few steps a CPU can afford.
-    lr: float = field(default_factory=lambda: by_profile(quick=1e-3, paper=2e-4))
+    lr: float = field(default_factory=lambda: by_profile(quick=2e-3, paper=2e-4))
     eps: float = 1e-4
     weight_decay: float = 1e-5
     # train.py:43 and config.py:23: the gradient norm is clipped to 1 before every step.
@@ -336,7 +337,7 @@ def anomaly_score(zs: list[Tensor]) -> Tensor:
 
 
 def anomaly_map(zs: list[Tensor], size: tuple[int, int]) -> Tensor:
-    """Sec. 3.4: ``mean_c z^2`` of the finest scale, bilinearly upsampled to ``size`` (evaluate.py:178)."""
+    """Sec. 3.4: ``mean_c z^2`` of the finest scale, upsampled bilinearly (evaluate.py:178, 127)."""
     m = zs[0].pow(2).mean(1, keepdim=True)
     return F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
 
@@ -400,7 +401,14 @@ class CSFlow:
                                   c.clamp, c.leaky_slope, c.cross_scale).to(self.device)
 
     def fit(self, train, progress: bool = True, checkpoint=None) -> "CSFlow":
-        """Extract the features of the defect-free images once, then train the flow on them.
+        """Extract the features of the defect-free images once, then train the flow on them."""
+        images = images_of(train)
+        parts = [self.features(b) for b in batches(images, self.config.feature_batch)]
+        return self.fit_features([torch.cat(scale) for scale in zip(*parts)], progress, checkpoint)
+
+    def fit_features(self, feats: list[Tensor], progress: bool = True,
+                     checkpoint=None) -> "CSFlow":
+        """Train the flow on precomputed features (one ``[N, C, h, w]`` tensor per scale).
 
         ``epochs * ceil(N / batch_size)`` steps of :func:`adlab.train.train` on the loss of
         :func:`nll_loss`; the last weights are kept. ``checkpoint`` (a file) resumes training.
@@ -408,10 +416,8 @@ class CSFlow:
         from adlab.train import RandomBatches, train as train_loop
 
         c = self.config
-        images = images_of(train)
-        parts = [self.features(b) for b in batches(images, c.feature_batch)]
-        feats = [torch.cat(scale) for scale in zip(*parts)]
         check_scales(feats, c.n_scales)
+        n = len(feats[0])
         self.grid = tuple(feats[0].shape[-2:])
         self.flow = self.build_flow(feats[0].shape[1])
         optimizer = ClippedAdam(self.flow.parameters(), c.max_grad_norm, lr=c.lr, eps=c.eps,
@@ -421,9 +427,8 @@ class CSFlow:
             zs, logdet = self.flow([f[index.to(f.device)] for f in feats])
             return nll_loss(zs, logdet)
 
-        steps = c.epochs * math.ceil(len(images) / c.batch_size)
-        self.history = train_loop(loss_fn, RandomBatches(torch.arange(len(images)), c.batch_size,
-                                                         c.seed),
+        steps = c.epochs * math.ceil(n / c.batch_size)
+        self.history = train_loop(loss_fn, RandomBatches(torch.arange(n), c.batch_size, c.seed),
                                   steps, optimizer, {"flow": self.flow}, seed=c.seed,
                                   checkpoint=checkpoint, desc="CS-Flow", progress=progress)
         return self
@@ -438,7 +443,7 @@ class CSFlow:
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> Prediction:
-        """Image score = mean ``z^2 / 2`` over all scales; map = finest ``mean_c z^2``, upsampled."""
+        """Score = mean ``z^2 / 2`` over all scales; map = finest ``mean_c z^2``, upsampled."""
         zs = self.latents(images)
         return Prediction(anomaly_score(zs), anomaly_map(zs, images.shape[-2:]))
 
