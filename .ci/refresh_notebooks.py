@@ -22,6 +22,7 @@ os.environ.pop("MPLBACKEND", None)  # the inline backend, so figures are saved
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("ADLAB_PROFILE", "quick")
 os.environ["ADLAB_STATIC_OUTPUT"] = "1"  # bars end as text, explorers add a static figure
+os.environ["OMP_NUM_THREADS"] = "1"  # as notebooks/conftest.py: one thread, reproducible sums
 
 paths = [Path(p) for p in sys.argv[1:]] or sorted(Path("notebooks").glob("*.ipynb"))
 for path in paths:

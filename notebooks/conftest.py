@@ -6,6 +6,11 @@ progress bars then print their final line as text instead of a widget frozen at 
 (:mod:`adlab.progress`), and explorers draw a static figure of their default view
 (:func:`adlab.viz.interactive_figure`). It is set for notebook items only, so the unit
 tests under ``tests/`` (which pytest runs first) see the live behaviour.
+
+Kernels also run torch on one thread (``OMP_NUM_THREADS=1``), as ``.ci/refresh_notebooks.py``
+records them: float sums then add up in the same order in every run, so the committed
+numbers are reproduced digit for digit, and the small convolutions of the quick profile
+do not pay for waking a second thread (measured up to 10x slower on a busy 2-core machine).
 """
 import os
 
@@ -16,3 +21,4 @@ import pytest
 def pytest_runtest_setup(item):
     if item.path.suffix == ".ipynb":
         os.environ["ADLAB_STATIC_OUTPUT"] = "1"
+        os.environ["OMP_NUM_THREADS"] = "1"
