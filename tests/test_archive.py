@@ -9,7 +9,6 @@ after a full flush, zlib compresses every further MiB of zeros to the same ~1 KB
 from __future__ import annotations
 
 import functools
-import importlib.util
 import io
 import os
 import stat
@@ -366,13 +365,7 @@ def test_check_no_links(tmp_path, kind):
 
 
 # ----------------------------------------------------------------------------- through the CLI
-@pytest.fixture(scope="module")
-def cli():
-    spec = importlib.util.spec_from_file_location("adlab_download_cli",
-                                                  REPO / "data_scripts" / "download.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# the `cli` fixture (data_scripts/download.py as a module) is in tests/conftest.py
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import io
 import os
 import socket
@@ -489,13 +488,7 @@ def test_unpacked_size_is_bounded_by_the_catalogue_size(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- command line
-@pytest.fixture(scope="module")
-def cli():
-    spec = importlib.util.spec_from_file_location("adlab_download_cli",
-                                                  REPO / "data_scripts" / "download.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# the `cli` fixture (data_scripts/download.py as a module) is in tests/conftest.py
 
 
 def test_cli_exit_codes(cli, server, tmp_path, monkeypatch, capsys):
