@@ -7,11 +7,22 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def cli():
-    """``data_scripts/download.py`` imported as a module (its ``main(argv)`` is the CLI)."""
-    spec = importlib.util.spec_from_file_location("adlab_download_cli",
-                                                  REPO / "data_scripts" / "download.py")
+def _load_script(name: str):
+    """``data_scripts/<name>.py`` imported as a module (its ``main(argv)`` is the CLI)."""
+    spec = importlib.util.spec_from_file_location(f"adlab_script_{name}",
+                                                  REPO / "data_scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def cli():
+    """``data_scripts/download.py`` as a module."""
+    return _load_script("download")
+
+
+@pytest.fixture(scope="module")
+def synthetic_cli():
+    """``data_scripts/make_synthetic.py`` as a module."""
+    return _load_script("make_synthetic")

@@ -4,7 +4,6 @@ Small counts and 64 px keep the whole file to a few seconds.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -284,16 +283,8 @@ def test_cli_writes_a_tiny_set(tmp_path):
         expected)
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("make_synthetic",
-                                                  REPO / "data_scripts" / "make_synthetic.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_cli_help_and_bad_size(tmp_path, capsys):
-    cli = _load_cli()
+def test_cli_help_and_bad_size(tmp_path, capsys, synthetic_cli):
+    cli = synthetic_cli
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--help"])
     assert exit_info.value.code == 0
