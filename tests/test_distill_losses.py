@@ -49,3 +49,29 @@ def test_bad_input_is_explained():
         hard_feature_loss(torch.zeros(1, 3, 2, 2), torch.zeros(1, 4, 2, 2))
     with pytest.raises(ValueError, match="p_hard"):
         hard_feature_loss(torch.zeros(1, 3, 2, 2), torch.zeros(1, 3, 2, 2), p_hard=1.0)
+
+
+def test_quantile_is_taken_per_image():
+    # Two images on very different scales: a quantile pooled over the batch would keep only
+    # elements of the loud image. Per image (the reference code's batch of 1), each image
+    # keeps its own top elements: the batched loss equals the loss over each image's kept
+    # elements found with torch.quantile image by image.
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(2, 4, 10, 10, generator=g)
+    s[1] *= 100.0
+    s.requires_grad_(True)
+    t = torch.zeros_like(s)
+    loss = hard_feature_loss(t, s, p_hard=0.9)
+    loss.backward()
+    kept = []
+    for b in range(2):
+        d = s[b].detach() ** 2
+        kept.append(d[d >= torch.quantile(d.flatten(), 0.9)])
+    assert torch.isclose(loss.detach(), torch.cat(kept).mean())
+    assert int((s.grad[0] != 0).sum()) == len(kept[0]) > 0   # the quiet image gets gradient
+    assert int((s.grad[1] != 0).sum()) == len(kept[1])
+    # each image alone gives the same kept set as in the batch (batch size does not matter)
+    for b in range(2):
+        alone = s[b:b + 1].detach().clone().requires_grad_(True)
+        hard_feature_loss(t[b:b + 1], alone, p_hard=0.9).backward()
+        assert torch.equal(alone.grad != 0, s.grad[b:b + 1] != 0)

@@ -16,10 +16,14 @@ def hard_feature_loss(teacher: torch.Tensor, student: torch.Tensor,
                       p_hard: float = 0.999) -> torch.Tensor:
     """Hard feature loss L_hard (EfficientAD Sec. 3.2).
 
-    ``D = (T - S)^2`` elementwise; ``d_hard`` is the ``p_hard`` quantile of D; the loss is
-    the mean of D over the elements with ``D >= d_hard``. ``p_hard = 0`` keeps every
-    element, so it equals plain MSE. Shapes ``[B, C, H, W]`` (student channels already
-    cut to the teacher's).
+    ``D = (T - S)^2`` elementwise; ``d_hard`` is the ``p_hard`` quantile of D taken **per
+    image** (over its ``C x H x W`` elements); the loss is the mean of D over the elements
+    with ``D >= d_hard`` of their image, pooled over the batch. The reference code trains
+    with batch size 1 (nelson1425/EfficientAD ``efficientad.py:113``) and takes the quantile
+    of that one image's distances (``efficientad.py:178-180``); per image keeps that meaning
+    for any batch size (a quantile over the batch would keep only the worst image's
+    elements). ``p_hard = 0`` keeps every element, so it equals plain MSE. Shapes
+    ``[B, C, H, W]`` (student channels already cut to the teacher's).
     """
     if teacher.shape != student.shape:
         raise ValueError(f"teacher {tuple(teacher.shape)} and student {tuple(student.shape)} "
@@ -28,8 +32,8 @@ def hard_feature_loss(teacher: torch.Tensor, student: torch.Tensor,
     if not 0.0 <= p_hard < 1.0:
         raise ValueError(f"p_hard must be in [0, 1); got {p_hard} (the paper uses 0.999).")
     distance = (teacher.detach() - student) ** 2
-    d_hard = torch.quantile(distance.detach().flatten().float(), p_hard)
-    return distance[distance >= d_hard].mean()
+    d_hard = torch.quantile(distance.detach().flatten(1).float(), p_hard, dim=1)  # [B]
+    return distance[distance >= d_hard.to(distance.dtype).view(-1, 1, 1, 1)].mean()
 
 
 def penalty_loss(student_on_pretraining_images: torch.Tensor) -> torch.Tensor:
