@@ -32,7 +32,10 @@ def hard_feature_loss(teacher: torch.Tensor, student: torch.Tensor,
     if not 0.0 <= p_hard < 1.0:
         raise ValueError(f"p_hard must be in [0, 1); got {p_hard} (the paper uses 0.999).")
     distance = (teacher.detach() - student) ** 2
-    d_hard = torch.quantile(distance.detach().flatten(1).float(), p_hard, dim=1)  # [B]
+    flat = distance.detach().flatten(1)
+    if flat.dtype not in (torch.float32, torch.float64):   # torch.quantile needs one of these
+        flat = flat.float()
+    d_hard = torch.quantile(flat, p_hard, dim=1)             # [B], one quantile per image
     return distance[distance >= d_hard.to(distance.dtype).view(-1, 1, 1, 1)].mean()
 
 
