@@ -35,6 +35,7 @@ METHODS = {
     "fastflow": "adlab.flows.fastflow:FastFlow",
     "csflow": "adlab.flows.csflow:CSFlow",
     "differnet": "adlab.flows.differnet:DifferNet",
+    "efficientad_s": "adlab.distill.efficientad:EfficientAD", "efficientad_m": "adlab.distill.efficientad:EfficientADMedium",
 }
 METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max",
            "aupro")

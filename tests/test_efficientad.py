@@ -240,3 +240,21 @@ def test_flop_count_matches_the_layer_arithmetic():
         elif isinstance(m, torch.nn.AvgPool2d):
             h //= 2
     assert count_flops(lambda: net(x)) == expected
+
+
+def test_image_folder_and_teacher_weights_errors(tmp_path):
+    from PIL import Image
+
+    from adlab.distill.efficientad import load_folder
+
+    with pytest.raises(FileNotFoundError, match="No images"):
+        load_folder(str(tmp_path), 2, 16)
+    rgb = (np.arange(32 * 32 * 3) % 256).astype(np.uint8).reshape(32, 32, 3)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    cropped, whole = load_folder(str(tmp_path), 2, 16), load_folder(str(tmp_path), 1, 16, crop=False)
+    assert cropped.shape == (2, 3, 16, 16) and whole.shape == (1, 3, 16, 16)
+    torch.testing.assert_close(cropped[0], torch.from_numpy(rgb[8:24, 8:24] / 255.0).permute(2, 0, 1).float())
+    torch.save(pdn("small", 8, 4).state_dict(), tmp_path / "t.pt")
+    with pytest.raises(ValueError, match="teacher weights"):
+        _tiny(teacher_weights=str(tmp_path / "t.pt"), out_channels=16).fit(torch.rand(10, 3, 64, 64),
+                                                                           progress=False)

@@ -36,15 +36,16 @@ Where we differ, and why:
   teacher's pretraining images are crops of scikit-image's bundled photographs
   (:func:`adlab.distill.teacher.offline_images`). The reference disables the penalty when no
   ImageNet path is given (``efficientad.py:77-79``); the paper uses it, so do we.
-* Quick profile: 128 px (24 x 24 maps), PDN width 32 (a quarter of the paper's channels),
-  C = 64 teacher channels, a ResNet-18 teacher target with random weights, a few hundred
-  steps of 4 images. Same code path as the paper profile.
+* Quick profile: 128 px (24 x 24 maps), PDN width 16 (an eighth of the paper's channels),
+  C = 64 teacher channels, 200 steps of one image at lr 1e-3, and an *untrained* PDN teacher:
+  offline there is no pretrained backbone worth distilling (see ``teacher`` below and notebook
+  22's ablation). Same code path as the paper profile.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +68,7 @@ class EfficientADConfig:
     model_size: str = "small"
     # Input side (Sec. 4: 256 px; efficientad.py:46). Quick: 128 px, maps of 24 x 24.
     image_size: int = field(default_factory=lambda: by_profile(quick=128, paper=256))
-    # PDN width: first-conv channels of PDN-S (128, common.py:67; PDN-M doubles). Quick: 32.
+    # PDN width: first-conv channels of PDN-S (128, common.py:67; PDN-M doubles). Quick: 16.
     width: int = field(default_factory=lambda: by_profile(quick=16, paper=128))
     # Teacher channels C (Sec. 3.1: 384; efficientad.py:45); the student has 2 C. Quick: 64.
     out_channels: int = field(default_factory=lambda: by_profile(quick=64, paper=384))
@@ -99,7 +100,7 @@ class EfficientADConfig:
     batch_size: int = 1
     # Teacher: "distilled" (Sec. 3.1) or "random" (an untrained PDN, seeded). Quick: random.
     # Offline there is no pretrained backbone to distil; distilling a *random* ResNet-18 (the
-    # same code path, trained and ablated in notebook 20) gave a worse teacher on the
+    # same code path, trained in notebook 20, ablated in notebook 22) gave a worse teacher on the
     # synthetic textures (stone image AUROC 0.73 against 0.93 with a random PDN, seed 0).
     teacher: str = field(default_factory=lambda: by_profile(quick="random", paper="distilled"))
     # Seed of the random teacher: one teacher for every student, as the paper's one distilled
@@ -212,7 +213,15 @@ def teacher_for(config: EfficientADConfig, progress: bool = True, refresh: bool 
         teacher.history = []
         return teacher.eval().requires_grad_(False)
     if c.teacher_weights is not None:
-        teacher.load_state_dict(torch.load(c.teacher_weights, map_location="cpu", weights_only=True))
+        try:
+            teacher.load_state_dict(torch.load(c.teacher_weights, map_location="cpu",
+                                               weights_only=True))
+        except Exception as exc:
+            raise ValueError(f"Could not load teacher weights {c.teacher_weights} into a PDN-"
+                             f"{c.model_size[0].upper()} with width {c.width} and {c.out_channels} "
+                             f"channels ({type(exc).__name__}); use a state dict of that layout "
+                             "(e.g. nelson1425/EfficientAD models/teacher_small.pth with the "
+                             "paper profile's sizes).") from exc
         teacher.history = []
         return teacher.eval().requires_grad_(False)
     path = cache_dir() / f"efficientad_teacher_{_teacher_key(c)}.pt"
@@ -227,7 +236,8 @@ def teacher_for(config: EfficientADConfig, progress: bool = True, refresh: bool 
     target = DistillationTarget(c.teacher_backbone, c.teacher_layers, c.out_channels,
                                 pretrained=c.pretrained, seed=0)
     if c.imagenet is not None:
-        images = load_folder(c.imagenet, c.teacher_images, c.teacher_image_size, grayscale_p=0.1)
+        images = load_folder(c.imagenet, c.teacher_images, c.teacher_image_size, grayscale_p=0.1,
+                             crop=False)
     else:
         images = offline_images(c.teacher_images, c.teacher_image_size, seed=0, grayscale_p=0.1)
     history = pretrain_teacher(padded, target, images, c.teacher_steps, lr=c.lr,
@@ -240,10 +250,12 @@ def teacher_for(config: EfficientADConfig, progress: bool = True, refresh: bool 
     return teacher.eval().requires_grad_(False)
 
 
-def load_folder(folder: str, n: int, size: int, seed: int = 0, grayscale_p: float = 0.0) -> Tensor:
+def load_folder(folder: str, n: int, size: int, seed: int = 0, grayscale_p: float = 0.0,
+                crop: bool = True) -> Tensor:
     """``n`` random images (``*.JPEG``, ``*.jpg``, ``*.png``, searched recursively) of ``folder``,
-    resized to ``2 size`` and centre-cropped to ``size`` (the penalty's transform,
-    ``efficientad.py:120-127``), a fraction ``grayscale_p`` turned grey."""
+    a fraction ``grayscale_p`` turned grey. ``crop``: resized to ``2 size`` and centre-cropped
+    to ``size`` (the penalty's transform, ``efficientad.py:120-127``); else resized to ``size``
+    (the teacher pretraining's, ``pretraining.py:43-47``)."""
     from pathlib import Path
 
     import numpy as np
@@ -260,9 +272,10 @@ def load_folder(folder: str, n: int, size: int, seed: int = 0, grayscale_p: floa
     pick = torch.randint(len(files), (n,), generator=g)
     out = torch.empty(n, 3, size, size)
     for i, j in enumerate(pick.tolist()):
-        img = Image.open(files[j]).convert("RGB").resize((2 * size, 2 * size), Image.BILINEAR)
+        side = 2 * size if crop else size
+        img = Image.open(files[j]).convert("RGB").resize((side, side), Image.BILINEAR)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        out[i] = x[:, size // 2:size // 2 + size, size // 2:size // 2 + size]
+        out[i] = x[:, size // 2:size // 2 + size, size // 2:size // 2 + size] if crop else x
         if torch.rand(1, generator=g).item() < grayscale_p:
             out[i] = to_grayscale(out[i])
     return out
@@ -311,18 +324,26 @@ class EfficientAD:
 
     def losses(self, images: Tensor, penalty_images: Tensor | None = None,
                generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """Every loss term of one training step (images in [0, 1]), in the reference order."""
-        c, C = self.config, self.config.out_channels
-        x = self._input(images)
-        parts = {"hard": hard_feature_loss(self.teacher_features(x), self.student(x)[:, :C],
-                                           c.p_hard)}
-        if penalty_images is not None:
-            parts["penalty"] = penalty_loss(self.student(self._input(penalty_images))[:, :C])
+        """Every loss term of one training step (images in [0, 1]); the terms of the reference
+        (efficientad.py:174-198). The student sees the image, the penalty images and the
+        jittered image in one batched pass, the teacher the image and the jittered image:
+        a PDN has no batch statistics, so this equals separate passes, with less overhead."""
+        c, C, B = self.config, self.config.out_channels, len(images)
+        views = [self._input(images)]
         if self.autoencoder is not None:
-            x_ae = self._input(color_jitter(images, generator))
-            a = self.autoencoder(x_ae)
-            parts["ae"] = ((self.teacher_features(x_ae) - a) ** 2).mean()
-            parts["stae"] = ((a - self.student(x_ae)[:, C:]) ** 2).mean()
+            views.append(self._input(color_jitter(images, generator)))       # x'
+        teacher = self.teacher_features(torch.cat(views)).split(B)
+        pen = [] if penalty_images is None else [self._input(penalty_images)]
+        student = self.student(torch.cat(views[:1] + pen + views[1:]))
+        s_x, rest = student[:B], student[B:]
+        parts = {"hard": hard_feature_loss(teacher[0], s_x[:, :C], c.p_hard)}
+        if penalty_images is not None:
+            parts["penalty"] = penalty_loss(rest[:len(penalty_images), :C])
+            rest = rest[len(penalty_images):]
+        if self.autoencoder is not None:
+            a = self.autoencoder(views[1])
+            parts["ae"] = ((teacher[1] - a) ** 2).mean()
+            parts["stae"] = ((a - rest[:, C:]) ** 2).mean()
         return parts
 
     @torch.no_grad()

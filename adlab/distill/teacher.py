@@ -26,6 +26,8 @@ image-independent features) but carries none of ImageNet's semantics.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,7 @@ SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemis
 SKIMAGE_GREY = ("camera", "brick", "grass", "gravel", "moon", "page", "coins", "text", "clock")
 
 
+@functools.lru_cache(maxsize=1)
 def _bundled_photos() -> list[Tensor]:
     try:
         import skimage.data as data
