@@ -75,10 +75,12 @@ class CFlowConfig:
     backbone: str = field(default_factory=lambda: by_profile(quick="resnet18",
                                                              paper="wide_resnet50_2"))
     # Official --pool-layers 3 = layer2, layer3, layer4 (config.py:19, model.py:93-113).
-    # Quick: one stage shallower (layer1-3: 32, 16, 8 cells at 128 px); layer4 of a 128 px
-    # image is a 4 x 4 grid, and random-init deep layers carry no learned semantics.
+    # Quick: layer1 alone (32 x 32 cells at 128 px). Random-init deeper layers carry no learned
+    # semantics, and summing their maps hurt: seed 0, 8 epochs, lr 3e-3, image AUROC on the
+    # synthetic objects pins / nut 0.888 / 0.734 with layer1, 0.780 / 0.686 with layers 1-2,
+    # 0.719 / 0.727 with layers 2-3.
     layers: tuple = field(default_factory=lambda: by_profile(
-        quick=("layer1", "layer2", "layer3"), paper=("layer2", "layer3", "layer4")))
+        quick=("layer1",), paper=("layer2", "layer3", "layer4")))
     # Official --coupling-blocks 8 (config.py:21).
     coupling_blocks: int = 8
     # Official c.clamp_alpha = 1.9 (main.py:43), FrEIA's affine_clamping.
@@ -90,12 +92,13 @@ class CFlowConfig:
     fibres: int = 256
     # Official --batch-size 32 images (config.py:29); quick: 8 (54 training images).
     batch_size: int = field(default_factory=lambda: by_profile(quick=8, paper=32))
-    # Official --lr 2e-4 (config.py:31), Adam (train.py:272). Quick: 1e-3, to learn in the
-    # few hundred steps a CPU budget allows.
-    lr: float = field(default_factory=lambda: by_profile(quick=1e-3, paper=2e-4))
+    # Official --lr 2e-4 (config.py:31), Adam (train.py:272). Quick: 3e-3, to learn in the
+    # ~2000 steps a CPU budget allows (pins 0.714 at 1e-3, 0.773 at 3e-3; 8 epochs, layers 1-3).
+    lr: float = field(default_factory=lambda: by_profile(quick=3e-3, paper=2e-4))
     # Passes over the training images. Official: 25 meta epochs x 8 sub-epochs
-    # (config.py:33-36, train.py:28) = 200. Quick: 2.
-    epochs: float = field(default_factory=lambda: by_profile(quick=2.0, paper=200.0))
+    # (config.py:33-36, train.py:28) = 200. Quick: 8 (about 2000 steps of 256 fibres; with
+    # layer1 alone, mean image AUROC over the 4 synthetic categories 0.846 at 4, 0.887 at 8).
+    epochs: float = field(default_factory=lambda: by_profile(quick=8.0, paper=200.0))
     # Official warm-up: lr/10 -> lr over 2 of 25 meta epochs (main.py:65-69); cosine down to
     # lr * 0.1^3 (main.py:64,71).
     warmup_fraction: float = 2 / 25

@@ -101,8 +101,9 @@ class DifferNetConfig:
     n_transforms: int = 4
     batch_size: int = 24
     # config.py:41-42: 24 x 8 = 192 epochs; with ~250 MVTec training images in batches of
-    # 24 that is ~2000 steps. Quick: 150 steps.
-    steps: int = field(default_factory=lambda: by_profile(quick=150, paper=2000))
+    # 24 that is ~2000 steps. Quick: 300 steps (seed 0, weave / stone image AUROC 0.892 / 0.803
+    # after 150 steps, 0.906 / 0.834 after 300).
+    steps: int = field(default_factory=lambda: by_profile(quick=300, paper=2000))
     # config.py:35: 64 transforms per test image. Quick: 4 (0, 90, 180, 270 degrees: the
     # quick training angles; each costs a backbone pass and, for the map, a backward pass).
     n_transforms_test: int = field(default_factory=lambda: by_profile(quick=4, paper=64))

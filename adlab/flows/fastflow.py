@@ -104,8 +104,9 @@ class FastFlowConfig:
     weight_decay: float = 1e-5
     # constants.py:33: batch 32; quick: 16 (the synthetic categories have 60 training images).
     batch_size: int = field(default_factory=lambda: by_profile(quick=16, paper=32))
-    # constants.py:34: 500 epochs; quick: a CPU budget of a few seconds per category.
-    epochs: int = field(default_factory=lambda: by_profile(quick=10, paper=500))
+    # constants.py:34: 500 epochs. Quick: 20, ~35 s per category on 2 CPU threads (seed 0, image
+    # AUROC on the synthetic objects pins / nut 0.767 / 0.672 at 10 epochs, 0.906 / 0.725 at 20).
+    epochs: int = field(default_factory=lambda: by_profile(quick=20, paper=500))
     # Ours (the reference code evaluates on the test set every 10 epochs, constants.py:39):
     # the validation loss every eval_every epochs picks the weights kept.
     eval_every: int = field(default_factory=lambda: by_profile(quick=5, paper=10))
