@@ -42,12 +42,17 @@ METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", 
 TIMES = ("fit_s", "predict_s", "ms_per_image")
 
 
-def make_detector(name: str):
-    """Instantiate a registered detector by name."""
+def detector_class(name: str):
+    """The class of a registered detector."""
     if name not in METHODS:
         raise ValueError(f"Unknown method {name!r}; choose from {', '.join(METHODS)}.")
     module, cls = METHODS[name].split(":")
-    return getattr(importlib.import_module(module), cls)()
+    return getattr(importlib.import_module(module), cls)
+
+
+def make_detector(name: str):
+    """Instantiate a registered detector by name."""
+    return detector_class(name)()
 
 
 def run(methods, categories=None, root=None, image_size=None, seed=0, progress=True,

@@ -69,3 +69,129 @@ def evaluate(detector: Detector, dataset, batch_size: int = 16) -> dict:
     record = compute_all(dataset.labels, pred.scores, dataset.masks, pred.maps)
     record.update(predict_s=seconds, n_images=len(dataset))
     return record
+
+
+# --------------------------------------------------------------------------- save / load
+
+#: Marks a file written by :func:`save_detector` (a training checkpoint of the loop has none).
+DETECTOR_FORMAT = "adlab-detector/1"
+
+
+class DetectorFileError(ValueError):
+    """A detector file that cannot be loaded: another kind of file, another method, damaged."""
+
+
+def get_state(detector, names) -> dict:
+    """The named attributes of a fitted detector as checkpoint values.
+
+    A module becomes its ``state_dict`` (frozen backbones included, so a loaded detector
+    predicts the same even where pretrained weights cannot be downloaded); tensors, numbers,
+    tuples and lists of them are kept as they are.
+    """
+    from torch import nn
+
+    return {name: (value.state_dict() if isinstance(value, nn.Module) else value)
+            for name in names for value in [getattr(detector, name)]}
+
+
+def set_state(detector, state: dict) -> None:
+    """Undo :func:`get_state` on a detector whose modules are built (same architecture)."""
+    from torch import nn
+
+    device = getattr(detector, "device", torch.device("cpu"))
+
+    def to_device(value):
+        if torch.is_tensor(value):
+            return value.to(device)
+        if isinstance(value, (list, tuple)):
+            return type(value)(to_device(v) for v in value)
+        return value
+
+    for name, value in state.items():
+        current = getattr(detector, name, None)
+        if isinstance(current, nn.Module):
+            current.load_state_dict(value)
+        else:
+            setattr(detector, name, to_device(value))
+
+
+def config_dict(config) -> dict:
+    """A config dataclass as a plain dict (what a checkpoint stores)."""
+    import dataclasses
+
+    return dataclasses.asdict(config)
+
+
+def save_detector(detector, path, method: str, **info) -> None:
+    """Write a fitted detector to ``path`` atomically: its method name, config and fitted state.
+
+    ``info`` adds facts for whoever evaluates it (``python -m adlab train`` stores the
+    category and the image size, which ``bench --checkpoint`` reads). Load with
+    :func:`load_detector`.
+    """
+    from adlab.train import save_checkpoint
+
+    if not hasattr(detector, "state_dict"):
+        raise TypeError(f"{type(detector).__name__} has no state_dict(); it cannot be saved.")
+    save_checkpoint(path, {"format": DETECTOR_FORMAT, "method": method,
+                           "config": config_dict(detector.config), "info": dict(info),
+                           "state": detector.state_dict()})
+
+
+def read_detector_file(path, method: str | None = None) -> dict:
+    """The contents of a detector file, checked: its kind and (if given) its method."""
+    from pathlib import Path
+
+    from adlab.train import load_checkpoint
+
+    if not Path(path).is_file():
+        raise DetectorFileError(f"No detector file {path}; train one with `python -m adlab "
+                                "train METHOD --category C --out FILE`.")
+    try:
+        saved = load_checkpoint(path)
+    except ValueError as exc:
+        raise DetectorFileError(f"{path} is not a readable detector file ({exc}).") from None
+    if not isinstance(saved, dict) or saved.get("format") != DETECTOR_FORMAT:
+        kind = ("a training checkpoint of the loop (its .train.pt file), not a finished "
+                "detector" if isinstance(saved, dict) and "optimizer" in saved else
+                "not a detector file written by adlab.detector.save_detector")
+        raise DetectorFileError(f"{path} is {kind}; pass the file given to --out of "
+                                "`python -m adlab train`.")
+    if method is not None and saved["method"] != method:
+        raise DetectorFileError(f"{path} holds a {saved['method']} detector, not {method}.")
+    return saved
+
+
+def load_detector(path, method: str | None = None):
+    """A detector saved by :func:`save_detector`, ready to ``predict`` (no training, no download).
+
+    The modules are rebuilt from the stored config with random initialisation and then
+    take the stored weights, so nothing is downloaded and the scores equal those of the
+    detector that was saved. ``method`` (optional) must match the file's.
+    """
+    from adlab.bench import METHODS, detector_class
+
+    saved = read_detector_file(path, method)
+    if saved["method"] not in METHODS:
+        raise DetectorFileError(f"{path} holds a {saved['method']!r} detector, which this adlab "
+                                f"does not know ({', '.join(METHODS)}).")
+    cls = detector_class(saved["method"])
+    try:
+        config_class = getattr(cls, "Config", None) or type(cls().config)
+        config = config_class(**saved["config"])
+    except TypeError as exc:
+        raise DetectorFileError(f"{path} was saved with other {saved['method']} settings than "
+                                f"this adlab has ({exc}).") from None
+    pretrained = getattr(config, "pretrained", None)
+    if hasattr(config, "pretrained"):
+        config.pretrained = False  # random init, then the stored weights: no download
+    detector = cls(config)
+    try:
+        detector.load_state_dict(saved["state"])
+    except (RuntimeError, KeyError) as exc:
+        raise DetectorFileError(f"{path} does not fit a {saved['method']} detector built from "
+                                f"its own settings ({str(exc)[:200]}).") from None
+    if hasattr(config, "pretrained"):
+        config.pretrained = pretrained
+    detector.info = saved.get("info", {})
+    return detector

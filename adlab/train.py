@@ -14,12 +14,28 @@ Resume is exact: stopping after ``k`` steps and running ``train`` again (in a ne
 up to ``N`` gives bit-identical weights on CPU to one run of ``N`` steps, because the
 checkpoint holds the weights, the optimiser, the scheduler, the batch order and position,
 and the state of every random generator (PyTorch's, NumPy's and Python's).
+
+The same loop runs on several processes when a launcher (``torchrun``, ``accelerate
+launch``) started them: each takes its shard of every batch and the gradients are averaged
+(:mod:`adlab.distributed`); only rank 0 shows the bar and writes checkpoints. ``precision``
+chooses float32, bfloat16 autocast or CUDA float16 autocast with a gradient scaler.
+
+Every gradient-trained detector splits its ``fit`` in two, so that ``fit``, the command
+line (``python -m adlab train``) and the dry run share this one loop::
+
+    run = detector.training_run(train_data)     # a TrainingRun: loss, batches, optimiser...
+    run.history = train(run.loss_fn, run.batches, run.steps, run.optimizer, run.modules, ...)
+    detector.finish_training(run)               # after the loop: maxima, templates, ...
+
+:func:`train_detector` is those three lines.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -27,8 +43,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from adlab import distributed
 from adlab.config import remove_stale_temps, seed_everything, temp_path
 from adlab.progress import progress as progress_bar
+
+#: ``precision`` of :func:`train`: "32" float32; "bf16" autocast to bfloat16 (CPU and CUDA);
+#: "16-mixed" autocast to float16 with a gradient scaler (CUDA only).
+PRECISIONS = ("32", "bf16", "16-mixed")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -101,6 +122,58 @@ def holdout(images: torch.Tensor, fraction: float = 0.1,
     keep = torch.ones(len(images), dtype=torch.bool)
     keep[val] = False
     return images[keep], images[val]
+
+
+# --------------------------------------------------------------------------- the protocol
+
+@dataclass
+class TrainingRun:
+    """What one detector's training needs, built by its ``training_run(train_data, steps)``.
+
+    The arguments of :func:`train` (``loss_fn``, ``batches``, ``steps``, ``optimizer``,
+    ``modules``, ``scheduler``, ``seed``, ``desc``); ``context``, a function returning the
+    context manager the loop and ``finish_training`` run in (PyramidFlow: one CPU thread);
+    ``extra``, whatever ``finish_training`` needs (validation images, ...); ``history``,
+    the loss per step, filled in by the loop.
+    """
+
+    loss_fn: Callable[[object], torch.Tensor]
+    batches: object
+    steps: int
+    optimizer: torch.optim.Optimizer
+    modules: dict
+    scheduler: object = None
+    seed: int = 0
+    desc: str = "train"
+    context: Callable = contextlib.nullcontext
+    extra: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+
+
+def train_detector(detector, run: TrainingRun, progress: bool = True, **options):
+    """Train ``detector`` through :func:`train`, then ``detector.finish_training(run)``.
+
+    ``options`` go to :func:`train` (``checkpoint``, ``precision``, ...). Returns the detector.
+    """
+    with run.context():
+        run.history = train(run.loss_fn, run.batches, run.steps, run.optimizer, run.modules,
+                            scheduler=run.scheduler, seed=run.seed, desc=run.desc,
+                            progress=progress, **options)
+        detector.finish_training(run)
+    return detector
+
+
+def autocast(precision: str, device_type: str):
+    """The context the loss is computed in for ``precision`` (see :data:`PRECISIONS`)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}.")
+    if precision == "16-mixed" and device_type != "cuda":
+        raise ValueError("precision '16-mixed' (float16 with a gradient scaler) needs a CUDA GPU; "
+                         f"on {device_type} use 'bf16' or '32'.")
+    if precision == "32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -221,12 +294,25 @@ def _check_checkpoint(state: dict, modules: dict, optimizer, scheduler, batches,
         batches.check_state_dict(state["batches"])
 
 
+def _meta_difference(saved, meta: dict) -> str:
+    """What differs between the ``meta`` of a checkpoint and of this run, for the message."""
+    if not isinstance(saved, dict):
+        return "it records no method: another program or an older adlab wrote it"
+    diffs = [f"{key} {saved.get(key)!r} there, {meta.get(key)!r} here" for key in meta
+             if key != "config" and saved.get(key) != meta.get(key)]
+    old, new = saved.get("config") or {}, meta.get("config") or {}
+    diffs += [f"{key} {old.get(key)!r} there, {new.get(key)!r} here"
+              for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    return "; ".join(diffs[:4])
+
+
 # --------------------------------------------------------------------------- the loop
 
 def train(loss_fn: Callable[[object], torch.Tensor], batches: RandomBatches, steps: int,
           optimizer: torch.optim.Optimizer, modules: dict[str, nn.Module], *,
           scheduler=None, seed: int = 0, checkpoint: str | Path | None = None,
-          checkpoint_every: int = 500, desc: str = "train", progress: bool = True) -> list[float]:
+          checkpoint_every: int = 500, desc: str = "train", progress: bool = True,
+          precision: str = "32", meta: dict | None = None) -> list[float]:
     """Minimise ``loss_fn`` for ``steps`` optimiser steps; return the loss history.
 
     ``batches`` yields the training batches: a :class:`RandomBatches` (with a ``checkpoint``,
@@ -236,17 +322,35 @@ def train(loss_fn: Callable[[object], torch.Tensor], batches: RandomBatches, ste
     When ``checkpoint`` exists, training resumes from its step, so an interrupted notebook
     cell continues where it stopped; a checkpoint that does not fit raises a
     :class:`CheckpointMismatchError` naming the module and parameter, and changes nothing.
+    ``meta`` (e.g. the method and its settings) is stored in the checkpoint, and a resume
+    from a checkpoint with other ``meta`` is refused the same way.
+
+    ``precision``: "32", "bf16" or "16-mixed" (:data:`PRECISIONS`). Under ``torchrun`` /
+    ``accelerate launch`` each process trains on its shard of every batch and the gradients
+    are averaged (:mod:`adlab.distributed`); the history holds the mean loss over the
+    processes, and only rank 0 shows the bar and writes the checkpoint.
     """
     if checkpoint is not None and not all(callable(getattr(batches, method, None))
                                           for method in ("state_dict", "load_state_dict")):
         raise TypeError("With a checkpoint, batches needs state_dict() and load_state_dict() so "
                         "training resumes exactly; use adlab.train.RandomBatches(images, "
                         "batch_size, seed).")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    device_type = params[0].device.type if params else "cpu"
+    amp = autocast(precision, device_type)  # checks precision before anything runs
+    scaler = torch.amp.GradScaler(device_type) if precision == "16-mixed" else None
+    distributed.setup()
+    main = distributed.is_main()
     seed_everything(seed)
     history: list[float] = []
     start = 0
     if checkpoint is not None and Path(checkpoint).exists():
         state = load_checkpoint(checkpoint)
+        if meta is not None and state.get("meta") != meta:
+            raise CheckpointMismatchError(
+                f"The checkpoint {checkpoint} belongs to another run "
+                f"({_meta_difference(state.get('meta'), meta)}). Use the same settings, or "
+                "delete the checkpoint to train from scratch.")
         _check_checkpoint(state, modules, optimizer, scheduler, batches, checkpoint)
         batches.load_state_dict(state["batches"])
         for name, module in modules.items():
@@ -254,6 +358,8 @@ def train(loss_fn: Callable[[object], torch.Tensor], batches: RandomBatches, ste
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         history, start = list(state["history"]), int(state["step"])
         _set_rng_state(state["rng"])
 
@@ -264,16 +370,21 @@ def train(loss_fn: Callable[[object], torch.Tensor], batches: RandomBatches, ste
                  "optimizer": optimizer.state_dict()}
         if scheduler is not None:
             state["scheduler"] = scheduler.state_dict()
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        if meta is not None:
+            state["meta"] = meta
         return state
 
     for module in modules.values():
         module.train()
     batch_iter = iter(batches)
     bar = progress_bar(range(start, steps), desc=desc, initial=start, total=steps,
-                       disable=not progress)
+                       disable=not (progress and main))
     for step in bar:
-        loss = loss_fn(next(batch_iter))
-        value = float(loss.detach())
+        with amp:
+            loss = loss_fn(distributed.shard(next(batch_iter)))
+        value = distributed.mean_over_processes(float(loss.detach()))
         if not math.isfinite(value):
             bar.close()
             where = f" The last good checkpoint is {checkpoint}." if checkpoint else ""
@@ -281,14 +392,22 @@ def train(loss_fn: Callable[[object], torch.Tensor], batches: RandomBatches, ste
                 f"The {desc} loss became {value} at step {step}. Lower the learning rate, check "
                 f"the inputs for NaN/inf, or use float32 instead of half precision.{where}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            distributed.average_gradients(params)
+            optimizer.step()
+        else:  # float16: scale the loss so small gradients do not round to 0
+            scaler.scale(loss).backward()
+            distributed.average_gradients(params)
+            scaler.step(optimizer)  # unscales first; skips the step on inf / NaN gradients
+            scaler.update()
         if scheduler is not None:
             scheduler.step()
         history.append(value)
         if step % 10 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{value:.4g}")
-        if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+        if checkpoint is not None and main and ((step + 1) % checkpoint_every == 0
+                                                or step + 1 == steps):
             save_checkpoint(checkpoint, snapshot(step + 1))
     bar.close()
     for module in modules.values():

@@ -48,6 +48,8 @@ def pixel_distance(x: torch.Tensor, mu: torch.Tensor, var: torch.Tensor | None =
 class MeanImageDetector:
     """Distance to the mean training image: ``fit(train)`` then ``predict(images)``."""
 
+    Config = MeanImageConfig
+
     def __init__(self, config: MeanImageConfig | None = None, **overrides):
         self.config = make_config(MeanImageConfig, config, overrides)
         self.mu = None
@@ -62,6 +64,13 @@ class MeanImageDetector:
         self.mu = images.mean(0).float()
         self.var = images.var(0, unbiased=False).float()
         return self
+
+    def state_dict(self) -> dict:
+        """The fitted mean and variance images (see :func:`adlab.detector.save_detector`)."""
+        return {"mu": self.mu, "var": self.var}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mu, self.var = state["mu"], state["var"]
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:

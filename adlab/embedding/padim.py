@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from adlab.config import by_profile
-from adlab.detector import Prediction
+from adlab.detector import Prediction, get_state, set_state
 from adlab.features import FeatureDetector, batches, images_of, smooth_map, topk_mean
 from adlab.progress import progress as progress_bar
 
@@ -156,6 +156,14 @@ class PaDiM(FeatureDetector):
                                                            disable=not progress)])
         self.mu, self.sigma_inv = gaussian_parameters(x, c.epsilon, c.chunk)
         return self
+
+    def state_dict(self) -> dict:
+        """Backbone weights, the kept channels, mu and Sigma^-1 (see ``adlab.detector.save_detector``)."""
+        return get_state(self, ("extractor", "channels", "mu", "sigma_inv", "grid", "image_size"))
+
+    def load_state_dict(self, state: dict) -> None:
+        self._extractor()
+        set_state(self, state)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from adlab.config import by_profile
-from adlab.detector import Prediction
+from adlab.detector import Prediction, get_state, set_state
 from adlab.features import (FeatureDetector, FeatureExtractor, batches, images_of, layer_names,
                             smooth_map)
 from adlab.progress import progress as progress_bar
@@ -349,6 +349,17 @@ class PatchCore(FeatureDetector):
         self.coreset_s = time.perf_counter() - t0
         self.memory = bank[idx.to(bank.device)].contiguous()
         return self
+
+    def state_dict(self) -> dict:
+        """Backbone weights and layers, the memory bank (see ``adlab.detector.save_detector``)."""
+        state = get_state(self, ("extractor", "memory", "n_patches", "n_bank", "coreset_s"))
+        return {**state, "layers": tuple(self.extractor.layers)}
+
+    def load_state_dict(self, state: dict) -> None:
+        c = self.config
+        self.extractor = FeatureExtractor(c.backbone, tuple(state["layers"]), c.pretrained,
+                                          seed=c.seed).to(self.device)
+        set_state(self, {k: v for k, v in state.items() if k != "layers"})
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:

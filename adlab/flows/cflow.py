@@ -58,13 +58,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adlab.config import by_profile
-from adlab.detector import Prediction
+from adlab.detector import Prediction, get_state, set_state
 from adlab.features import FeatureDetector, batches, images_of, topk_mean
 from adlab.flows.allinone import AllInOneBlock
 from adlab.flows.core import SequentialFlow
 from adlab.flows.coupling import mlp_subnet
 from adlab.flows.likelihood import log_likelihood
-from adlab.train import RandomBatches, holdout, train
+from adlab.train import RandomBatches, TrainingRun, holdout, train_detector
 
 
 @dataclass
@@ -334,6 +334,10 @@ class CFlow(FeatureDetector):
     def fit(self, train_data, progress: bool = True) -> "CFlow":
         """Train the decoders on defect-free images, then set the map's maxima on validation
         images held out from them."""
+        return train_detector(self, self.training_run(train_data), progress)
+
+    def training_run(self, train_data, steps: int | None = None) -> TrainingRun:
+        """Build the decoders and everything the loop needs (``steps``: instead of ``epochs``)."""
         c = self.config
         images = images_of(train_data)
         fit_images, val_images = holdout(images, c.val_fraction, c.seed)
@@ -345,7 +349,7 @@ class CFlow(FeatureDetector):
             grids = [f.shape[-2] * f.shape[-1] for f in self.encode(fit_images[:1])]
         batch = min(c.batch_size, len(fit_images))
         per_epoch = max(1, len(fit_images) // batch) * fibres.steps_per_batch(grids, batch)
-        steps = max(1, round(c.epochs * per_epoch))
+        steps = steps or max(1, round(c.epochs * per_epoch))
         optimizer = torch.optim.Adam(self.decoders.parameters(), lr=c.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine(steps, c.warmup_fraction, c.final_lr_factor))
@@ -354,12 +358,25 @@ class CFlow(FeatureDetector):
             layer, e, cond = step
             return cflow_loss(log_likelihood_per_dim(*self.decoders[layer](e, cond)))
 
-        self.history = train(loss_fn, fibres, steps, optimizer, {"decoders": self.decoders},
-                             scheduler=scheduler, seed=c.seed, desc="CFlow: train decoders",
-                             progress=progress)
+        return TrainingRun(loss_fn, fibres, steps, optimizer, {"decoders": self.decoders},
+                           scheduler=scheduler, seed=c.seed, desc="CFlow: train decoders",
+                           extra={"val_images": val_images})
+
+    def finish_training(self, run: TrainingRun) -> None:
+        """After the loop: the map's maxima on the validation images."""
+        self.history = run.history
         self.decoders.eval()
-        self._normalise(val_images)
-        return self
+        self._normalise(run.extra["val_images"])
+
+    def state_dict(self) -> dict:
+        """Encoder and decoder weights, the maxima (see ``adlab.detector.save_detector``)."""
+        return get_state(self, ("extractor", "decoders", "image_size", "log_p_max", "map_max",
+                                "history"))
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decoders = self.build()
+        set_state(self, state)
+        self.decoders.eval()
 
     @torch.no_grad()
     def _normalise(self, val_images: Tensor) -> None:

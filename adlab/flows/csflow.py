@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adlab.config import by_profile
-from adlab.detector import Prediction, make_config
+from adlab.detector import Prediction, get_state, make_config, set_state
 from adlab.features import batches, create_backbone, images_of
 from adlab.flows.core import FlowLayer, sum_except_batch
 from adlab.flows.coupling import soft_clamp
@@ -381,13 +381,10 @@ class CSFlow:
     @torch.no_grad()
     def features(self, images: Tensor) -> list[Tensor]:
         """Images ``[B, 3, H, W]`` in [0, 1] -> the feature map of each scale, finest first."""
-        from adlab.config import profile
         from adlab.data.mvtec import normalize
 
         c = self.config
-        if self.trunk is None:
-            pretrained = profile().pretrained if c.pretrained is None else c.pretrained
-            self.trunk = feature_trunk(c.backbone, c.layer, pretrained, c.seed).to(self.device)
+        self._trunk()
         x = images.to(self.device, torch.float32)
         if c.input_size is not None and tuple(x.shape[-2:]) != (c.input_size,) * 2:
             x = F.interpolate(x, size=(c.input_size,) * 2, mode="bilinear", align_corners=False)
@@ -403,9 +400,15 @@ class CSFlow:
 
     def fit(self, train, progress: bool = True, checkpoint=None) -> "CSFlow":
         """Extract the features of the defect-free images once, then train the flow on them."""
+        from adlab.train import train_detector
+
+        return train_detector(self, self.training_run(train), progress, checkpoint=checkpoint)
+
+    def training_run(self, train, steps: int | None = None):
+        """The features of the training images, then :meth:`features_run` on them."""
         images = images_of(train)
         parts = [self.features(b) for b in batches(images, self.config.feature_batch)]
-        return self.fit_features([torch.cat(scale) for scale in zip(*parts)], progress, checkpoint)
+        return self.features_run([torch.cat(scale) for scale in zip(*parts)], steps)
 
     def fit_features(self, feats: list[Tensor], progress: bool = True,
                      checkpoint=None) -> "CSFlow":
@@ -414,7 +417,13 @@ class CSFlow:
         ``epochs * ceil(N / batch_size)`` steps of :func:`adlab.train.train` on the loss of
         :func:`nll_loss`; the last weights are kept. ``checkpoint`` (a file) resumes training.
         """
-        from adlab.train import RandomBatches, train as train_loop
+        from adlab.train import train_detector
+
+        return train_detector(self, self.features_run(feats), progress, checkpoint=checkpoint)
+
+    def features_run(self, feats: list[Tensor], steps: int | None = None):
+        """A new flow and what :func:`adlab.train.train` needs to train it on ``feats``."""
+        from adlab.train import RandomBatches, TrainingRun
 
         c = self.config
         check_scales(feats, c.n_scales)
@@ -428,11 +437,31 @@ class CSFlow:
             zs, logdet = self.flow([f[index.to(f.device)] for f in feats])
             return nll_loss(zs, logdet)
 
-        steps = c.epochs * math.ceil(n / c.batch_size)
-        self.history = train_loop(loss_fn, RandomBatches(torch.arange(n), c.batch_size, c.seed),
-                                  steps, optimizer, {"flow": self.flow}, seed=c.seed,
-                                  checkpoint=checkpoint, desc="CS-Flow", progress=progress)
-        return self
+        steps = steps or c.epochs * math.ceil(n / c.batch_size)
+        return TrainingRun(loss_fn, RandomBatches(torch.arange(n), c.batch_size, c.seed), steps,
+                           optimizer, {"flow": self.flow}, seed=c.seed, desc="CS-Flow")
+
+    def finish_training(self, run) -> None:
+        self.history = run.history
+
+    def _trunk(self) -> nn.Module:
+        from adlab.config import profile
+
+        c = self.config
+        if self.trunk is None:
+            pretrained = profile().pretrained if c.pretrained is None else c.pretrained
+            self.trunk = feature_trunk(c.backbone, c.layer, pretrained, c.seed).to(self.device)
+        return self.trunk
+
+    def state_dict(self) -> dict:
+        """Backbone trunk and flow weights (see ``adlab.detector.save_detector``)."""
+        state = get_state(self, ("trunk", "flow", "grid", "history"))
+        return {**state, "channels": self.flow.layers[0].perms[0].channels}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._trunk()
+        self.flow = self.build_flow(state["channels"])
+        set_state(self, {k: v for k, v in state.items() if k != "channels"})
 
     @torch.no_grad()
     def latents(self, images: Tensor) -> list[Tensor]:

@@ -60,13 +60,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adlab.config import by_profile, device, seed_everything
-from adlab.detector import Prediction, make_config
+from adlab.detector import Prediction, get_state, make_config, set_state
 from adlab.features import PretrainedWeightsWarning, batches, gaussian_blur, images_of
 from adlab.flows.core import SequentialFlow
 from adlab.flows.coupling import GlowCoupling
 from adlab.flows.permute import RandomPermutation
 from adlab.progress import progress as progress_bar
-from adlab.train import RandomBatches, train
+from adlab.train import RandomBatches, TrainingRun, train_detector
 
 #: AlexNet ``.features`` ends with 256 channels (torchvision ``alexnet.py``; DifferNet
 #: ``config.py:31``: ``n_feat = 256 * n_scales``).
@@ -304,6 +304,8 @@ class DifferNet:
     image's own frame), averaged over the transforms.
     """
 
+    Config = DifferNetConfig
+
     def __init__(self, config: DifferNetConfig | None = None, **overrides):
         self.config = make_config(DifferNetConfig, config, overrides)
         self.device = device()
@@ -379,6 +381,12 @@ class DifferNet:
 
     def fit_flow(self, pool: Tensor, progress: bool = True) -> list[float]:
         """Train the flow on pooled features ``[N, P, D]`` with Eq. (4) through :func:`adlab.train.train`."""
+        train_detector(self, self.flow_run(pool), progress)
+        return self.history
+
+    def flow_run(self, pool: Tensor, steps: int | None = None) -> TrainingRun:
+        """Standardise the pooled features ``[N, P, D]``; the loss (Eq. (4)), batches and
+        optimiser of the flow, for :func:`adlab.train.train`."""
         c = self.config
         n_t = min(c.n_transforms, pool.shape[1])  # without train transforms the pool is 1 wide
         flat = pool.reshape(-1, pool.shape[2])
@@ -398,19 +406,33 @@ class DifferNet:
 
         optimizer = torch.optim.Adam(self.flow.parameters(), lr=c.lr, betas=(0.8, 0.8),
                                      eps=1e-4, weight_decay=1e-5)
-        self.history = train(loss_fn, RandomBatches(pool.to(self.device), c.batch_size, c.seed),
-                             c.steps, optimizer, {"flow": self.flow}, desc="differnet",
-                             progress=progress, seed=c.seed)
+        return TrainingRun(loss_fn, RandomBatches(pool.to(self.device), c.batch_size, c.seed),
+                           steps or c.steps, optimizer, {"flow": self.flow}, seed=c.seed,
+                           desc="differnet")
+
+    def finish_training(self, run: TrainingRun) -> None:
+        self.history = run.history
         self.flow.eval()
-        return self.history
 
     def fit(self, train_data, progress: bool = True) -> "DifferNet":
         """Train on defect-free images only (an ADDataset or a tensor ``[N, 3, H, W]``)."""
+        return train_detector(self, self.training_run(train_data), progress)
+
+    def training_run(self, train_data, steps: int | None = None) -> TrainingRun:
+        """Backbone, flow and the training features of ``train_data``, then :meth:`flow_run`."""
         images = images_of(train_data)
         seed_everything(self.config.seed)
         self.build()
-        self.fit_flow(self.train_features(images), progress=progress)
-        return self
+        return self.flow_run(self.train_features(images), steps)
+
+    def state_dict(self) -> dict:
+        """Backbone and flow weights, the feature statistics (see ``adlab.detector.save_detector``)."""
+        return get_state(self, ("backbone", "flow", "mean", "std", "history"))
+
+    def load_state_dict(self, state: dict) -> None:
+        self.build()
+        set_state(self, state)
+        self.flow.eval()
 
     def _check_fitted(self):
         if self.flow is None:

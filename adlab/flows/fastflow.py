@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adlab.config import by_profile
-from adlab.detector import Prediction, make_config
+from adlab.detector import Prediction, get_state, make_config, set_state
 from adlab.features import FeatureExtractor, PretrainedWeightsWarning, images_of, topk_mean
 from adlab.flows.allinone import AllInOneBlock
 from adlab.flows.core import SequentialFlow
@@ -268,6 +268,7 @@ class FastFlow:
         self.device = device()
         self.extractor = None
         self.model = None
+        self.image_size = None
         self.history: list[float] = []
         self.val_history: list[tuple[int, float]] = []
         self.best_step = 0
@@ -294,23 +295,35 @@ class FastFlow:
         return [torch.cat(maps) for maps in zip(*parts)]
 
     def fit(self, train, progress: bool = True) -> "FastFlow":
-        from adlab.train import RandomBatches, holdout, train as train_loop
+        """Train the flows on defect-free images; keep the weights of the best validation loss."""
+        from adlab.train import train_detector
+
+        return train_detector(self, self.training_run(train), progress)
+
+    def _build_model(self, shapes) -> FastFlowModel:
+        c = self.config
+        return FastFlowModel(shapes, layer_norm=not is_transformer(c.backbone),
+                             steps=c.flow_steps, hidden_ratio=c.hidden_ratio,
+                             conv3x3_only=c.conv3x3_only, clamp=c.clamp,
+                             seed=c.seed).to(self.device)
+
+    def training_run(self, train, steps: int | None = None):
+        """Features, flows, optimiser and the validation every ``eval_every`` epochs, for
+        :func:`adlab.train.train` (``steps``: instead of ``epochs``)."""
+        from adlab.train import RandomBatches, TrainingRun, holdout
 
         c = self.config
         images = images_of(train)
+        self.image_size = images.shape[-1]
         fit_images, val_images = holdout(images, c.val_fraction, c.seed)
         if len(fit_images) == 0:
             raise ValueError(f"FastFlow: all {len(images)} training images went to validation "
                              f"(val_fraction={c.val_fraction}); lower val_fraction.")
         feats, val_feats = self.features(fit_images), self.features(val_images)
-        self.model = FastFlowModel([tuple(f.shape[1:]) for f in feats],
-                                   layer_norm=not is_transformer(c.backbone),
-                                   steps=c.flow_steps, hidden_ratio=c.hidden_ratio,
-                                   conv3x3_only=c.conv3x3_only, clamp=c.clamp,
-                                   seed=c.seed).to(self.device)
+        self.model = self._build_model([tuple(f.shape[1:]) for f in feats])
         optimizer = torch.optim.Adam(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         steps_per_epoch = math.ceil(len(fit_images) / c.batch_size)
-        steps, check_every = c.epochs * steps_per_epoch, c.eval_every * steps_per_epoch
+        steps, check_every = steps or c.epochs * steps_per_epoch, c.eval_every * steps_per_epoch
         best = {"loss": math.inf, "state": None, "step": 0}
         self.val_history = []
 
@@ -335,14 +348,30 @@ class FastFlow:
             return fastflow_loss(zs, logdets)
 
         batches = RandomBatches(torch.arange(len(fit_images)), c.batch_size, seed=c.seed)
-        self.history = train_loop(loss_fn, batches, steps, optimizer, {"fastflow": self.model},
-                                  seed=c.seed, desc="FastFlow", progress=progress)
-        validate(steps)
+        return TrainingRun(loss_fn, batches, steps, optimizer, {"fastflow": self.model},
+                           seed=c.seed, desc="FastFlow", extra={"validate": validate, "best": best})
+
+    def finish_training(self, run) -> None:
+        """After the loop: a last validation, then keep the best weights."""
+        best = run.extra["best"]
+        self.history = run.history
+        run.extra["validate"](run.steps)
         if best["state"] is not None:
             self.model.load_state_dict(best["state"])
-        self.best_step = best["step"] if best["state"] is not None else steps
+        self.best_step = best["step"] if best["state"] is not None else run.steps
         self.model.eval()
-        return self
+
+    def state_dict(self) -> dict:
+        """Backbone and flow weights and the training record (see ``adlab.detector.save_detector``)."""
+        state = get_state(self, ("extractor", "model", "image_size", "history", "val_history",
+                                 "best_step"))
+        return {**state, "shapes": [tuple(s) for s in self.model.shapes]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._extractor(state["image_size"])
+        self.model = self._build_model([tuple(s) for s in state["shapes"]])
+        set_state(self, {k: v for k, v in state.items() if k != "shapes"})
+        self.model.eval()
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> Prediction:

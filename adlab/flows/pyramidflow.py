@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adlab.config import by_profile
-from adlab.detector import Prediction, make_config
+from adlab.detector import Prediction, get_state, make_config, set_state
 from adlab.flows.coupling import soft_clamp
 from adlab.flows.permute import InvertibleConv1x1
 
@@ -541,9 +541,24 @@ class PyramidFlow:
 
     def fit(self, train, progress: bool = True) -> "PyramidFlow":
         """Train the flow on defect-free images (the Fourier loss), then take the template."""
-        from adlab.features import batches, images_of
-        from adlab.train import RandomBatches
-        from adlab.train import train as train_loop
+        from adlab.train import train_detector
+
+        return train_detector(self, self.training_run(train), progress)
+
+    def _build(self) -> None:
+        """The encoder and an untrained flow for the resolved levels and volume normalisation."""
+        c = self.config
+        self.encoder = Encoder(c.encoder, c.channels, c.pretrained, c.seed).to(self.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(c.seed)
+            self.flow = PyramidFlowNet(self.encoder.channels, c.flow_size, self.levels, c.stacks,
+                                       c.kernel_size, c.clamp, self.volume_norm,
+                                       c.seed).to(self.device)
+
+    def training_run(self, train, steps: int | None = None):
+        """Encoder, flow, the Fourier loss on random batches, for :func:`adlab.train.train`."""
+        from adlab.features import images_of
+        from adlab.train import RandomBatches, TrainingRun
 
         c = self.config
         images = images_of(train)
@@ -551,12 +566,7 @@ class PyramidFlow:
             raise ValueError("PyramidFlow trains on pairs of images: it needs at least 2 training "
                              f"images, got {len(images)}.")
         self._resolve(getattr(train, "category", None))
-        self.encoder = Encoder(c.encoder, c.channels, c.pretrained, c.seed).to(self.device)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(c.seed)
-            self.flow = PyramidFlowNet(self.encoder.channels, c.flow_size, self.levels, c.stacks,
-                                       c.kernel_size, c.clamp, self.volume_norm,
-                                       c.seed).to(self.device)
+        self._build()
         optimizer = ClippedAdam(self.flow.parameters(), c.grad_clip, lr=c.lr, betas=c.betas,
                                 eps=c.eps, weight_decay=c.weight_decay)
 
@@ -566,14 +576,30 @@ class PyramidFlow:
             return self.loss(batch)
 
         batches_ = RandomBatches(images, min(c.batch_size, len(images)), c.seed)
-        with one_thread(c.single_thread):
-            self.history = train_loop(loss_fn, batches_, c.steps, optimizer, {"flow": self.flow},
-                                      seed=c.seed, desc="PyramidFlow", progress=progress)
-            self.flow.eval()
-            with torch.no_grad():
-                self.template = latent_template([self.latents(b)
-                                                 for b in batches(images, c.predict_batch)])
-        return self
+        return TrainingRun(loss_fn, batches_, steps or c.steps, optimizer, {"flow": self.flow},
+                           seed=c.seed, desc="PyramidFlow", extra={"images": images},
+                           context=lambda: one_thread(c.single_thread))
+
+    def finish_training(self, run) -> None:
+        """After the loop: the latent template of the training images."""
+        from adlab.features import batches
+
+        self.history = run.history
+        self.flow.eval()
+        with torch.no_grad():
+            self.template = latent_template([self.latents(b) for b in
+                                             batches(run.extra["images"], self.config.predict_batch)])
+
+    def state_dict(self) -> dict:
+        """Encoder and flow weights, the template (see ``adlab.detector.save_detector``)."""
+        return get_state(self, ("levels", "volume_norm", "augment", "encoder", "flow", "template",
+                                "history"))
+
+    def load_state_dict(self, state: dict) -> None:
+        self.levels, self.volume_norm = state["levels"], state["volume_norm"]
+        self._build()
+        set_state(self, state)
+        self.flow.eval()
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> Prediction:
