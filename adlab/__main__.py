@@ -1,9 +1,14 @@
-"""``python -m adlab bench | assign | grade ...``: the command-line entry point."""
+"""``python -m adlab bench | train | dryrun | assign | grade ...``: the command-line entry point."""
 import sys
 
 USAGE = """usage: python -m adlab COMMAND ...
 
-  bench    fit and evaluate detectors, print a results table (python -m adlab bench --help)
+  bench    fit and evaluate detectors, print a results table (python -m adlab bench --help);
+           --checkpoint FILE evaluates a detector saved by train
+  train    train one detector on a category and save it (python -m adlab train --help);
+           several GPUs: torchrun --nproc_per_node K -m adlab train ...
+  dryrun   build every method at paper settings (random init), one training step and one
+           predict on a tiny batch; one line per method (python -m adlab dryrun [METHOD...])
   assign   write student versions of notebooks: solutions stubbed, outputs cleared
            (python -m adlab assign NOTEBOOK... --out DIR; needs pip install -e ".[teach]")
   grade    run a notebook, print pass/FAIL and points per check cell and the total
@@ -19,6 +24,12 @@ def main(argv=None) -> int:
     if command == "bench":
         from adlab.bench import main as bench_main
         return bench_main(rest)
+    if command == "train":
+        from adlab.cli_train import main as train_main
+        return train_main(rest)
+    if command == "dryrun":
+        from adlab.dryrun import main as dryrun_main
+        return dryrun_main(rest)
     if command in ("assign", "grade"):
         from adlab import assign
         return assign.assign_main(rest) if command == "assign" else assign.grade_main(rest)

@@ -7,6 +7,9 @@ Ctrl-C never loses the rows already computed. A category whose files are broken 
 an error row and the others still run. Quick-profile numbers describe the synthetic
 data and small, randomly initialised models: they are not the papers' numbers.
 
+``--checkpoint FILE...`` evaluates detectors saved by ``python -m adlab train`` instead of
+fitting: the method, the category and the image size come from each file.
+
 Exit codes: 0 every run finished; 2 bad arguments or dataset files (one line says which
 file and what to do; ``--debug`` adds the traceback); 1 a method raised something else
 (a bug: its traceback is printed); 130 interrupted.
@@ -104,19 +107,57 @@ def run(methods, categories=None, root=None, image_size=None, seed=0, progress=T
     return records
 
 
+def run_checkpoints(paths, root=None, progress=True, on_record=None, debug=False) -> list[dict]:
+    """Evaluate saved detectors (``python -m adlab train --out``): one record per file.
+
+    Each file names its method, category and image size; the test set of that category is
+    loaded from ``root`` at that size. Errors are recorded and reported as in :func:`run`.
+    """
+    from adlab.data.mvtec import load_dataset
+    from adlab.detector import evaluate, load_detector
+
+    records = []
+    for path in paths:
+        record = {"method": "?", "category": "?", "checkpoint": str(path)}
+        try:
+            detector = load_detector(path)
+            info = detector.info
+            record.update(method=info["method"], category=info.get("category", "?"))
+            if "category" not in info:
+                raise DatasetError(f"{path} records no category (it was not written by "
+                                   "`python -m adlab train`); evaluate it with adlab.evaluate.")
+            test = load_dataset(info["category"], "test", root=root,
+                                image_size=info.get("image_size"))
+            record.update(evaluate(detector, test))
+            record["ms_per_image"] = 1000 * record["predict_s"] / max(len(test), 1)
+        except Exception as exc:  # keep the other files' results; report this one
+            _report(exc, f"{path}: ", progress, debug)
+            record.update(_failure(exc))
+        records.append(record)
+        if on_record is not None:
+            on_record(record)
+    return records
+
+
 def _describe(exc: Exception) -> str:
     """The error column: the message alone for a DatasetError, else the type and message."""
-    return str(exc) if isinstance(exc, DatasetError) else f"{type(exc).__name__}: {exc}"
+    return str(exc) if _user_error(exc) else f"{type(exc).__name__}: {exc}"
+
+
+def _user_error(exc: Exception) -> bool:
+    from adlab.detector import DetectorFileError
+
+    return isinstance(exc, (DatasetError, DetectorFileError))
 
 
 def _failure(exc: Exception) -> dict:
-    return {"error": _describe(exc), "user_error": isinstance(exc, DatasetError)}
+    return {"error": _describe(exc), "user_error": _user_error(exc)}
 
 
 def _report(exc: Exception, where: str, progress: bool, debug: bool = False) -> None:
     if not progress:
         return
-    if debug or not isinstance(exc, DatasetError):
+    if debug or not _user_error(exc):
         traceback.print_exception(exc)
     print(f"error: {where}{_describe(exc)}", file=sys.stderr, flush=True)
 
@@ -184,7 +225,14 @@ def _positive_int(text: str) -> int:
 def _parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     """Parse and check the arguments; every mistake exits 2 with argparse's one message."""
     args = parser.parse_args(argv)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.checkpoint and (args.methods is not None or args.categories):
+        parser.error("--checkpoint evaluates saved detectors, whose files name the method and the "
+                     "category; drop --methods and --categories")
+    if args.checkpoint and args.image_size is not None:
+        parser.error("--checkpoint uses the image size each detector was trained at; drop "
+                     "--image-size")
+    args.methods = [m.strip() for m in (args.methods or ",".join(METHODS)).split(",")
+                    if m.strip()]
     if not args.methods:
         parser.error(f"--methods names no method; choose from {', '.join(METHODS)}")
     unknown = [m for m in args.methods if m not in METHODS]
@@ -212,7 +260,7 @@ def main(argv=None) -> int:
         prog="python -m adlab bench",
         description="Fit and evaluate detectors; print a markdown table of every metric, row by "
                     "row as each finishes.")
-    parser.add_argument("--methods", default=",".join(METHODS),
+    parser.add_argument("--methods", default=None,
                         help=f"comma-separated, from: {', '.join(METHODS)} (default: all)")
     parser.add_argument("--categories", nargs="*", default=None,
                         help="categories to run (default: every category under the root)")
@@ -229,9 +277,15 @@ def main(argv=None) -> int:
                         help="show only the timing columns (fit, predict, ms per image)")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of dataset errors too")
+    parser.add_argument("--checkpoint", nargs="+", default=None, metavar="FILE",
+                        help="evaluate detectors saved by `python -m adlab train --out FILE` "
+                             "(no training; the method, category and image size come from "
+                             "each file) instead of fitting --methods")
     args = _parse(parser, argv)
     prof = profile()
-    print(f"adlab bench: profile {prof.name}, methods {', '.join(args.methods)}", file=sys.stderr)
+    what = f"{len(args.checkpoint)} checkpoint(s)" if args.checkpoint else \
+        f"methods {', '.join(args.methods)}"
+    print(f"adlab bench: profile {prof.name}, {what}", file=sys.stderr)
     from adlab.data.mvtec import list_categories
     try:
         found = list_categories(args.root)  # checks the root; a missing category fails alone
@@ -252,8 +306,12 @@ def main(argv=None) -> int:
             log.write(record)
 
     try:
-        records = run(args.methods, args.categories or found, args.root, args.image_size,
-                      args.seed, on_record=on_record, debug=args.debug)
+        if args.checkpoint:
+            records = run_checkpoints(args.checkpoint, args.root, on_record=on_record,
+                                      debug=args.debug)
+        else:
+            records = run(args.methods, args.categories or found, args.root, args.image_size,
+                          args.seed, on_record=on_record, debug=args.debug)
     except KeyboardInterrupt:
         print("interrupted: the rows above are complete" + (f" and in {args.csv}" if log else ""),
               file=sys.stderr)

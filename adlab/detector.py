@@ -167,7 +167,8 @@ def load_detector(path, method: str | None = None):
 
     The modules are rebuilt from the stored config with random initialisation and then
     take the stored weights, so nothing is downloaded and the scores equal those of the
-    detector that was saved. ``method`` (optional) must match the file's.
+    detector that was saved. ``method`` (optional) must match the file's. ``detector.info``
+    holds the method name and the facts saved with it.
     """
     from adlab.bench import METHODS, detector_class
 
@@ -193,5 +194,5 @@ def load_detector(path, method: str | None = None):
                                 f"its own settings ({str(exc)[:200]}).") from None
     if hasattr(config, "pretrained"):
         config.pretrained = pretrained
-    detector.info = saved.get("info", {})
+    detector.info = {"method": saved["method"], **saved.get("info", {})}
     return detector

@@ -53,7 +53,7 @@ def test_a_loaded_detector_predicts_what_the_saved_one_did(name, tmp_path):
     save_detector(det, tmp_path / "det.pt", method=name, category="weave")
     loaded = load_detector(tmp_path / "det.pt")
     assert type(loaded) is type(det) and loaded.config == det.config
-    assert loaded.info == {"category": "weave"}
+    assert loaded.info == {"method": name, "category": "weave"}
     got = loaded.predict(test)
     torch.testing.assert_close(got.scores, expected.scores, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got.maps, expected.maps, rtol=1e-6, atol=1e-6)

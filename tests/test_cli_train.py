@@ -1,0 +1,92 @@
+"""``python -m adlab train`` and ``bench --checkpoint``: the saved detector scores exactly as
+the one bench fits in memory, resume continues, and every user mistake is one line, exit 2,
+with nothing already written touched."""
+import pytest
+
+from adlab import __main__ as cli
+from adlab import bench
+from adlab.data.synthetic import generate
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(root, seed=0, size=64, categories=["weave"], n_train=8, n_test_good=4, n_per_defect=2)
+    return root
+
+
+def _run(capsys, *argv):
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exc:  # argparse errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _error_lines(err):
+    return [line for line in err.splitlines() if "error" in line]
+
+
+def test_train_then_bench_checkpoint_gives_the_in_memory_scores(root, tmp_path, capsys):
+    out = tmp_path / "csflow.pt"
+    code, _, err = _run(capsys, "train", "csflow", "--root", str(root), "--category", "weave",
+                        "--out", str(out))
+    assert code == 0, err
+    assert out.exists() and (tmp_path / "csflow.train.pt").exists()
+    [saved] = bench.run_checkpoints([out], root, progress=False)
+    [fitted] = bench.run(["csflow"], ["weave"], root, progress=False)   # bench's own fit
+    assert "error" not in saved and "error" not in fitted
+    for metric in bench.METRICS:
+        assert saved[metric] == pytest.approx(fitted[metric], abs=1e-6, nan_ok=True), metric
+    code, table, err = _run(capsys, "bench", "--checkpoint", str(out), "--root", str(root))
+    assert code == 0, err
+    row = [line for line in table.splitlines() if line.startswith("| csflow | weave |")]
+    assert row and f"{fitted['image_auroc']:.3f}" in row[0]
+
+
+def test_resume_continues_to_more_steps_like_one_run(root, tmp_path, capsys):
+    from adlab.detector import load_detector
+
+    args = ["train", "pyramidflow", "--root", str(root), "--category", "weave"]
+    assert _run(capsys, *args, "--out", str(tmp_path / "a.pt"), "--steps", "4")[0] == 0
+    assert _run(capsys, *args, "--out", str(tmp_path / "a.pt"), "--steps", "7", "--resume")[0] == 0
+    assert _run(capsys, *args, "--out", str(tmp_path / "b.pt"), "--steps", "7")[0] == 0
+    a, b = load_detector(tmp_path / "a.pt"), load_detector(tmp_path / "b.pt")
+    assert len(a.history) == 7 and a.history == b.history
+    for (key, x), y in zip(a.flow.state_dict().items(), b.flow.state_dict().values()):
+        assert x.equal(y), key
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "nope", "--category", "weave", "--out", "x.pt"], "unknown method 'nope'"),
+    (["train", "cflow", "--category", "weave", "--out", "x.pt", "--steps", "0"], "at least 1"),
+    (["train", "padim", "--category", "weave", "--out", "x.pt", "--steps", "3"], "no training steps"),
+    (["train", "cflow", "--out", "x.pt"], "--category"),
+    (["train", "cflow", "--category", "weave", "--out", "x.pt", "--resume"], "nothing|no training checkpoint"),
+    (["bench", "--checkpoint", "x.pt", "--methods", "naive"], "drop --methods"),
+])
+def test_argument_mistakes_are_one_line_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and "Traceback" not in err
+    [line] = _error_lines(err)
+    assert any(m in line for m in message.split("|")), line
+
+
+def test_data_and_checkpoint_mistakes_are_one_line_and_nothing_is_lost(root, tmp_path, capsys):
+    args = ["train", "pyramidflow", "--root", str(root), "--out", str(tmp_path / "p.pt")]
+    code, _, err = _run(capsys, *args, "--category", "nope")
+    assert code == 2 and "Traceback" not in err and "nope" in _error_lines(err)[0]
+    assert _run(capsys, *args, "--category", "weave", "--steps", "2")[0] == 0
+    partial = tmp_path / "p.train.pt"
+    before = (partial.read_bytes(), (tmp_path / "p.pt").read_bytes())
+    code, _, err = _run(capsys, *args, "--category", "weave", "--steps", "2")   # no --resume
+    assert code == 2 and "--resume" in _error_lines(err)[0]
+    code, _, err = _run(capsys, *args, "--category", "weave", "--steps", "4", "--resume",
+                        "--seed", "1")                                          # other settings
+    [line] = _error_lines(err)
+    assert code == 2 and "seed 0 there, 1 here" in line and "Traceback" not in err
+    assert (partial.read_bytes(), (tmp_path / "p.pt").read_bytes()) == before
+    code, _, err = _run(capsys, "bench", "--checkpoint", str(partial), "--root", str(root))
+    assert code == 2 and "training checkpoint" in err and "Traceback" not in err
