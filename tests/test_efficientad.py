@@ -254,7 +254,10 @@ def test_image_folder_and_teacher_weights_errors(tmp_path):
     cropped, whole = load_folder(str(tmp_path), 2, 16), load_folder(str(tmp_path), 1, 16, crop=False)
     assert cropped.shape == (2, 3, 16, 16) and whole.shape == (1, 3, 16, 16)
     torch.testing.assert_close(cropped[0], torch.from_numpy(rgb[8:24, 8:24] / 255.0).permute(2, 0, 1).float())
-    torch.save(pdn("small", 8, 4).state_dict(), tmp_path / "t.pt")
+    weights = pdn("small", 8, 4).state_dict()
+    torch.save(weights, tmp_path / "t.pt")
+    loaded = _tiny(teacher_weights=str(tmp_path / "t.pt")).fit(torch.rand(10, 3, 64, 64), progress=False)
+    assert all(torch.equal(weights[k], v) for k, v in loaded.teacher.state_dict().items())
     with pytest.raises(ValueError, match="teacher weights"):
         _tiny(teacher_weights=str(tmp_path / "t.pt"), out_channels=16).fit(torch.rand(10, 3, 64, 64),
                                                                            progress=False)

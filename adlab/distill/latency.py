@@ -91,7 +91,7 @@ def paper_size_detector(model_size: str = "small", seed: int = 0):
     return det
 
 
-def report(batch_sizes=(1, 8), repeats: int = 5, sizes=("small", "medium")) -> str:
+def report(batch_sizes=(1, 4), repeats: int = 3, sizes=("small", "medium")) -> str:
     """The latency table of EfficientAD-S and -M at 256 px on this machine, as markdown."""
     peak = matmul_peak()
     lines = [f"CPU matmul peak (torch.mm 2048, float32, {torch.get_num_threads()} threads): "
