@@ -2,6 +2,7 @@
 the one bench fits in memory, resume continues, and every user mistake is one line, exit 2,
 with nothing already written touched."""
 import pytest
+import torch
 
 from adlab import __main__ as cli
 from adlab import bench
@@ -90,3 +91,38 @@ def test_data_and_checkpoint_mistakes_are_one_line_and_nothing_is_lost(root, tmp
     assert (partial.read_bytes(), (tmp_path / "p.pt").read_bytes()) == before
     code, _, err = _run(capsys, "bench", "--checkpoint", str(partial), "--root", str(root))
     assert code == 2 and "training checkpoint" in err and "Traceback" not in err
+
+
+def test_cflow_resumes_exactly_in_the_middle_of_an_image_batch(tmp_path):
+    """CFlow's steps are fibres of an encoded image batch; a resume re-encodes that batch."""
+    from adlab.flows.cflow import CFlow
+    from adlab.train import train_detector
+
+    images = torch.rand(12, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+    def detector_and_run():
+        det = CFlow()
+        return det, det.training_run(images, steps=9)
+
+    whole, run = detector_and_run()
+    train_detector(whole, run, progress=False)
+
+    det, run = detector_and_run()
+    calls, loss_fn = [0], run.loss_fn
+
+    def interrupted(batch):  # a crash after step 5; the checkpoint of step 3 stays
+        calls[0] += 1
+        if calls[0] > 5:
+            raise KeyboardInterrupt
+        return loss_fn(batch)
+    run.loss_fn = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        train_detector(det, run, progress=False, checkpoint=tmp_path / "c.pt", checkpoint_every=3)
+    assert run.batches.used == 6 and torch.load(tmp_path / "c.pt")["batches"]["used"] == 3
+
+    resumed, run = detector_and_run()
+    train_detector(resumed, run, progress=False, checkpoint=tmp_path / "c.pt")
+    assert resumed.history == whole.history
+    for (key, x), y in zip(resumed.decoders.state_dict().items(),
+                           whole.decoders.state_dict().values()):
+        assert x.equal(y), key

@@ -1,5 +1,6 @@
 """The shared training loop: convergence, exact resume in a fresh process, checkpoints that
 do not fit, atomic saves, NaN stop."""
+import math
 import os
 import runpy
 import signal
@@ -254,3 +255,50 @@ def test_holdout_is_a_seeded_random_partition_of_the_training_images():
     assert val.flatten().tolist() != [36.0, 37.0, 38.0, 39.0]  # not a sorted cut
     assert torch.equal(holdout(images, 0.1, seed=3)[1], val)  # seeded
     assert not torch.equal(holdout(images, 0.1, seed=4)[1], val)
+
+
+# ----------------------------------------------------------------------------- precision
+
+def test_bf16_autocast_runs_on_cpu_and_tracks_float32():
+    dtypes = {}
+
+    def run(precision):
+        model, opt, data, loss_fn = _problem()
+
+        def watched(batch):
+            dtypes[precision] = model(batch[:, :3]).dtype
+            return loss_fn(batch)
+        return train(watched, RandomBatches(data, 16), 30, opt, {"model": model},
+                     progress=False, precision=precision)
+
+    full, half = run("32"), run("bf16")
+    assert dtypes == {"32": torch.float32, "bf16": torch.bfloat16}   # autocast was on
+    assert all(math.isfinite(v) for v in half) and half[-1] < half[0] / 10
+    assert half == pytest.approx(full, rel=0.05, abs=1e-3)            # bf16 ~ 3 digits
+
+
+def test_a_real_detector_trains_in_bf16_through_the_command(tmp_path, capsys):
+    from adlab import __main__ as cli
+    from adlab.data.synthetic import generate
+    from adlab.detector import load_detector
+
+    generate(tmp_path / "data", seed=0, size=64, categories=["weave"], n_train=4,
+             n_test_good=1, n_per_defect=1)
+    assert cli.main(["train", "cflow", "--root", str(tmp_path / "data"), "--category", "weave",
+                     "--out", str(tmp_path / "c.pt"), "--steps", "3", "--precision", "bf16",
+                     "--image-size", "64"]) == 0
+    assert "precision bf16" in capsys.readouterr().err
+    history = load_detector(tmp_path / "c.pt").history
+    assert len(history) == 3 and all(math.isfinite(v) for v in history)
+
+
+def test_float16_needs_cuda_and_unknown_precisions_are_refused():
+    model, opt, data, loss_fn = _problem()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            train(loss_fn, RandomBatches(data, 16), 2, opt, {"model": model}, progress=False,
+                  precision="16-mixed")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        train(loss_fn, RandomBatches(data, 16), 2, opt, {"model": model}, progress=False,
+              precision="fp8")
+    assert model.weight.grad is None                                  # nothing ran

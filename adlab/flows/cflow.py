@@ -223,6 +223,10 @@ class FibreBatches:
     in turn shuffles all ``B H W`` fibres and yields them ``n`` at a time as
     ``(layer, fibres [n, C_l], condition [n, P])``; ``E // n`` steps per layer as the
     official code (a layer with fewer than ``n`` fibres gives one smaller step).
+
+    :meth:`state_dict` makes a resumed run exact without storing fibres: it holds the
+    generators as they were before the current image batch was drawn and how many steps of
+    it were used, and :meth:`load_state_dict` draws and encodes that batch again.
     """
 
     def __init__(self, encode, images: Tensor, batch_size: int, n: int, condition_vec: int,
@@ -231,6 +235,7 @@ class FibreBatches:
         self.images = RandomBatches(images, batch_size, seed)
         self.generator = torch.Generator().manual_seed(seed + 1)
         self.queue: list = []
+        self.before_refill, self.used = None, 0
 
     def __iter__(self):
         return self
@@ -251,6 +256,9 @@ class FibreBatches:
         return F.grid_sample(images, grid, align_corners=False)  # zeros outside, as torchvision
 
     def _refill(self) -> None:
+        self.before_refill = {"images": self.images.state_dict(),
+                              "generator": self.generator.get_state()}
+        self.used = 0
         for layer, feature in enumerate(self.encode(self._rotate(next(self.images)))):
             e = fibres_of(feature)
             cond = None
@@ -267,7 +275,26 @@ class FibreBatches:
     def __next__(self):
         if not self.queue:
             self._refill()
+        self.used += 1
         return self.queue.pop()
+
+    def state_dict(self) -> dict:
+        if self.before_refill is None:  # nothing drawn yet
+            return {"images": self.images.state_dict(), "generator": self.generator.get_state(),
+                    "used": None}
+        return {**self.before_refill, "used": self.used}
+
+    def check_state_dict(self, state: dict) -> None:
+        self.images.check_state_dict(state["images"])
+
+    def load_state_dict(self, state: dict) -> None:
+        self.images.load_state_dict(state["images"])
+        self.generator.set_state(state["generator"])
+        self.queue, self.before_refill, self.used = [], None, 0
+        if state["used"] is not None:  # draw and encode that image batch again, skip used steps
+            self._refill()
+            for _ in range(state["used"]):
+                next(self)
 
 
 def warmup_cosine(steps: int, warmup_fraction: float, final_factor: float):
