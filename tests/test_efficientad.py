@@ -211,16 +211,17 @@ def test_paper_profile_builds_and_runs(monkeypatch, tmp_path):
     assert (c.image_size, c.width, c.out_channels, c.steps, c.batch_size, c.lr, c.weight_decay,
             c.lr_drop_at, c.p_hard, c.teacher_backbone, c.teacher_steps) == (
         256, 128, 384, 70_000, 1, 1e-4, 1e-5, 0.95, 0.999, "wide_resnet101_2", 60_000)
-    images = torch.rand(10, 3, 256, 256, generator=torch.Generator().manual_seed(0))
-    small = EfficientAD(steps=1, teacher_steps=1, teacher_images=1, penalty_images=1,
-                        pretrained=False).fit(images, progress=False)
+    images = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    tiny = dict(steps=1, penalty_images=1, val_fraction=0.5)       # fit on 1 image, validate on 1
+    small = EfficientAD(teacher_steps=1, teacher_images=1, pretrained=False, **tiny).fit(
+        images, progress=False)
     assert small.student[-1].out_channels == 768 and small.autoencoder[-1].out_channels == 384
     assert len(small.teacher.history) == 1 and math.isfinite(small.teacher.history[0])
     assert math.isfinite(small.history[0]) and set(small.parts) == {"hard", "penalty", "ae", "stae"}
     pred = small.predict(images[:1])
     assert pred.maps.shape == (1, 256, 256) and torch.isfinite(pred.scores).all()
     from adlab.distill.efficientad import EfficientADMedium
-    medium = EfficientADMedium(steps=1, teacher="random", penalty_images=1).fit(images, progress=False)
+    medium = EfficientADMedium(teacher="random", **tiny).fit(images, progress=False)
     assert len([m for m in medium.student if isinstance(m, torch.nn.Conv2d)]) == 6
     assert torch.isfinite(medium.predict(images[:1]).scores).all()
 

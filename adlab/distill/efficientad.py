@@ -107,7 +107,7 @@ class EfficientADConfig:
     # teacher (``seed`` varies the student, the autoencoder and the batches only).
     teacher_seed: int = 0
     # A state dict of a pretrained teacher (e.g. nelson1425/EfficientAD models/teacher_small.pth,
-    # whose layer keys match pdn()); None: distil one here (cached, see teacher_for).
+    # whose layer keys match pdn()); used whatever ``teacher`` says. None: ``teacher`` decides.
     teacher_weights: str | None = None
     # Distillation target backbone: WideResNet-101 layer2 + layer3 (Sec. 3.1;
     # pretraining.py:62-66). Quick: ResNet-18, random init.
@@ -206,12 +206,6 @@ def teacher_for(config: EfficientADConfig, progress: bool = True, refresh: bool 
     if c.teacher not in ("distilled", "random"):
         raise ValueError(f"teacher must be 'distilled' or 'random'; got {c.teacher!r}.")
     teacher = pdn(c.model_size, c.out_channels, c.width)
-    if c.teacher == "random":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(c.teacher_seed)
-            teacher = pdn(c.model_size, c.out_channels, c.width)
-        teacher.history = []
-        return teacher.eval().requires_grad_(False)
     if c.teacher_weights is not None:
         try:
             teacher.load_state_dict(torch.load(c.teacher_weights, map_location="cpu",
@@ -222,6 +216,12 @@ def teacher_for(config: EfficientADConfig, progress: bool = True, refresh: bool 
                              f"channels ({type(exc).__name__}); use a state dict of that layout "
                              "(e.g. nelson1425/EfficientAD models/teacher_small.pth with the "
                              "paper profile's sizes).") from exc
+        teacher.history = []
+        return teacher.eval().requires_grad_(False)
+    if c.teacher == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(c.teacher_seed)
+            teacher = pdn(c.model_size, c.out_channels, c.width)
         teacher.history = []
         return teacher.eval().requires_grad_(False)
     path = cache_dir() / f"efficientad_teacher_{_teacher_key(c)}.pt"
