@@ -93,15 +93,17 @@ def test_data_and_checkpoint_mistakes_are_one_line_and_nothing_is_lost(root, tmp
     assert code == 2 and "training checkpoint" in err and "Traceback" not in err
 
 
-def test_cflow_resumes_exactly_in_the_middle_of_an_image_batch(tmp_path):
-    """CFlow's steps are fibres of an encoded image batch; a resume re-encodes that batch."""
-    from adlab.flows.cflow import CFlow
+@pytest.mark.parametrize("name, crash_after, saved", [("cflow", 5, 3), ("fastflow", 7, 6)])
+def test_a_crashed_run_resumes_exactly(name, crash_after, saved, tmp_path):
+    """CFlow's steps are fibres of an encoded image batch: a resume re-encodes that batch.
+    FastFlow validates every 5 steps here and keeps the best weights: a resume keeps both."""
+    from adlab.bench import detector_class
     from adlab.train import train_detector
 
     images = torch.rand(12, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
     def detector_and_run():
-        det = CFlow()
+        det = detector_class(name)()
         return det, det.training_run(images, steps=9)
 
     whole, run = detector_and_run()
@@ -110,19 +112,23 @@ def test_cflow_resumes_exactly_in_the_middle_of_an_image_batch(tmp_path):
     det, run = detector_and_run()
     calls, loss_fn = [0], run.loss_fn
 
-    def interrupted(batch):  # a crash after step 5; the checkpoint of step 3 stays
+    def crashing(batch):  # a crash after `crash_after` steps; the last checkpoint stays
         calls[0] += 1
-        if calls[0] > 5:
+        if calls[0] > crash_after:
             raise KeyboardInterrupt
         return loss_fn(batch)
-    run.loss_fn = interrupted
+    run.loss_fn = crashing
     with pytest.raises(KeyboardInterrupt):
         train_detector(det, run, progress=False, checkpoint=tmp_path / "c.pt", checkpoint_every=3)
-    assert run.batches.used == 6 and torch.load(tmp_path / "c.pt")["batches"]["used"] == 3
+    assert torch.load(tmp_path / "c.pt")["step"] == saved
 
     resumed, run = detector_and_run()
     train_detector(resumed, run, progress=False, checkpoint=tmp_path / "c.pt")
     assert resumed.history == whole.history
-    for (key, x), y in zip(resumed.decoders.state_dict().items(),
-                           whole.decoders.state_dict().values()):
+    if name == "fastflow":
+        assert resumed.val_history == whole.val_history and len(whole.val_history) == 2
+        assert resumed.best_step == whole.best_step
+    a, b = resumed.state_dict(), whole.state_dict()
+    module = "decoders" if name == "cflow" else "model"
+    for (key, x), y in zip(a[module].items(), b[module].values()):
         assert x.equal(y), key

@@ -246,6 +246,42 @@ class FastFlowModel(nn.Module):
 
 # --------------------------------------------------------------------------- the detector
 
+class ValidatedBatches:
+    """FastFlow's random batches (of feature indices) with its validation record: the steps
+    taken, ``val_history`` and the ``best`` validation loss with its weights.
+
+    All of it is in :meth:`state_dict`, so a resumed run (``adlab.train.train`` with a
+    checkpoint) validates at the same steps and keeps the same best weights as an
+    uninterrupted one.
+    """
+
+    def __init__(self, indices: Tensor, batch_size: int, seed: int = 0):
+        from adlab.train import RandomBatches
+
+        self.batches = RandomBatches(indices, batch_size, seed)
+        self.step, self.val_history = 0, []
+        self.best = {"loss": math.inf, "state": None, "step": 0}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Tensor:
+        return next(self.batches)
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches.state_dict(), "step": self.step,
+                "val_history": list(self.val_history), "best": dict(self.best)}
+
+    def check_state_dict(self, state: dict) -> None:
+        self.batches.check_state_dict(state["batches"])
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches.load_state_dict(state["batches"])
+        self.step, self.val_history = int(state["step"]), list(state["val_history"])
+        self.best.clear()
+        self.best.update(state["best"])
+
+
 class FastFlow:
     """FastFlow detector: ``fit(train)`` on defect-free images, ``predict(images) -> Prediction``.
 
@@ -310,7 +346,7 @@ class FastFlow:
     def training_run(self, train, steps: int | None = None):
         """Features, flows, optimiser and the validation every ``eval_every`` epochs, for
         :func:`adlab.train.train` (``steps``: instead of ``epochs``)."""
-        from adlab.train import RandomBatches, TrainingRun, holdout
+        from adlab.train import TrainingRun, holdout
 
         c = self.config
         images = images_of(train)
@@ -324,8 +360,8 @@ class FastFlow:
         optimizer = torch.optim.Adam(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         steps_per_epoch = math.ceil(len(fit_images) / c.batch_size)
         steps, check_every = steps or c.epochs * steps_per_epoch, c.eval_every * steps_per_epoch
-        best = {"loss": math.inf, "state": None, "step": 0}
-        self.val_history = []
+        batches = ValidatedBatches(torch.arange(len(fit_images)), c.batch_size, seed=c.seed)
+        best = batches.best
 
         def validate(step: int) -> None:
             if not len(val_images):
@@ -334,28 +370,26 @@ class FastFlow:
             with torch.no_grad():
                 loss = float(fastflow_loss(*self.model(val_feats)))
             self.model.train()
-            self.val_history.append((step, loss))
+            batches.val_history.append((step, loss))
             if loss < best["loss"]:
                 best.update(loss=loss, state=copy.deepcopy(self.model.state_dict()), step=step)
 
-        counter = {"step": 0}
-
         def loss_fn(index: Tensor) -> Tensor:
-            if counter["step"] % check_every == 0 and counter["step"] > 0:
-                validate(counter["step"])
-            counter["step"] += 1
+            if batches.step % check_every == 0 and batches.step > 0:
+                validate(batches.step)
+            batches.step += 1
             zs, logdets = self.model([f[index] for f in feats])
             return fastflow_loss(zs, logdets)
 
-        batches = RandomBatches(torch.arange(len(fit_images)), c.batch_size, seed=c.seed)
         return TrainingRun(loss_fn, batches, steps, optimizer, {"fastflow": self.model},
-                           seed=c.seed, desc="FastFlow", extra={"validate": validate, "best": best})
+                           seed=c.seed, desc="FastFlow", extra={"validate": validate})
 
     def finish_training(self, run) -> None:
         """After the loop: a last validation, then keep the best weights."""
-        best = run.extra["best"]
+        best = run.batches.best
         self.history = run.history
         run.extra["validate"](run.steps)
+        self.val_history = run.batches.val_history
         if best["state"] is not None:
             self.model.load_state_dict(best["state"])
         self.best_step = best["step"] if best["state"] is not None else run.steps
