@@ -368,11 +368,21 @@ class EfficientAD:
     # -- fit / predict ------------------------------------------------------------------
     def fit(self, train, progress: bool = True) -> "EfficientAD":
         """Train student (and autoencoder) on defect-free images, then take the quantiles."""
+        from adlab.train import train_detector
+
+        return train_detector(self, self.training_run(train, progress=progress), progress)
+
+    def training_run(self, train, steps: int | None = None, progress: bool = True):
+        """Everything :func:`adlab.train.train` needs (see :class:`adlab.train.TrainingRun`).
+
+        Splits off the validation images, gets the teacher (distilling it first if it is
+        not cached: a training stage of its own, with its own bar), normalises it over the
+        fitting images, builds student and autoencoder, and the loss of Sec. 3.
+        """
         from adlab.distill.teacher import offline_images
-        from adlab.features import batches, images_of
+        from adlab.features import images_of
         from adlab.flows.pyramidflow import one_thread
-        from adlab.train import RandomBatches, holdout
-        from adlab.train import train as train_loop
+        from adlab.train import RandomBatches, TrainingRun, holdout
 
         c = self.config
         images = images_of(train)
@@ -384,47 +394,55 @@ class EfficientAD:
         with one_thread(c.single_thread):
             self.teacher = teacher_for(c, progress).to(self.device)
             self.t_mean, self.t_std = self._teacher_stats(fit_images)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(c.seed)
-                C2 = 2 * c.out_channels if c.use_autoencoder else c.out_channels
-                self.student = pdn(c.model_size, C2, c.width).to(self.device)
-                self.autoencoder = (autoencoder(c.out_channels, c.image_size, self.map_size,
-                                                c.ae_decoder_sizes).to(self.device)
-                                    if c.use_autoencoder else None)
-            if c.penalty:
-                penalty_bank = (load_folder(c.imagenet, c.penalty_images, c.image_size, c.seed, 0.3)
-                                if c.imagenet is not None else
-                                offline_images(c.penalty_images, c.image_size, seed=1000 + c.seed,
-                                               grayscale_p=0.3))
-                penalty_batches = RandomBatches(penalty_bank, c.batch_size, c.seed + 1)
-            modules = {"student": self.student}
-            if self.autoencoder is not None:
-                modules["autoencoder"] = self.autoencoder
-            params = [p for m in modules.values() for p in m.parameters()]
-            optimizer = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
-            scheduler = torch.optim.lr_scheduler.StepLR(
-                optimizer, step_size=max(1, int(c.lr_drop_at * c.steps)), gamma=0.1)
-            jitter = torch.Generator().manual_seed(c.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(c.seed)
+            C2 = 2 * c.out_channels if c.use_autoencoder else c.out_channels
+            self.student = pdn(c.model_size, C2, c.width).to(self.device)
+            self.autoencoder = (autoencoder(c.out_channels, c.image_size, self.map_size,
+                                            c.ae_decoder_sizes).to(self.device)
+                                if c.use_autoencoder else None)
+        if c.penalty:
+            penalty_bank = (load_folder(c.imagenet, c.penalty_images, c.image_size, c.seed, 0.3)
+                            if c.imagenet is not None else
+                            offline_images(c.penalty_images, c.image_size, seed=1000 + c.seed,
+                                           grayscale_p=0.3))
+            penalty_batches = RandomBatches(penalty_bank, c.batch_size, c.seed + 1)
+        modules = {"student": self.student}
+        if self.autoencoder is not None:
+            modules["autoencoder"] = self.autoencoder
+        params = [p for m in modules.values() for p in m.parameters()]
+        optimizer = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+        steps = c.steps if steps is None else steps
+        scheduler = torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=max(1, int(c.lr_drop_at * steps)), gamma=0.1)
+        jitter = torch.Generator().manual_seed(c.seed)
 
-            def loss_fn(batch: Tensor) -> Tensor:
-                parts = self.losses(batch, next(penalty_batches) if c.penalty else None, jitter)
-                self.parts = {k: float(v.detach()) for k, v in parts.items()}
-                return sum(parts.values())
+        def loss_fn(batch: Tensor) -> Tensor:
+            parts = self.losses(batch, next(penalty_batches) if c.penalty else None, jitter)
+            self.parts = {k: float(v.detach()) for k, v in parts.items()}
+            return sum(parts.values())
 
-            for m in modules.values():
-                m.train()
-            self.history = train_loop(loss_fn, RandomBatches(fit_images, c.batch_size, c.seed),
-                                      c.steps, optimizer, modules, scheduler=scheduler,
-                                      seed=c.seed, desc="EfficientAD", progress=progress)
-            for m in modules.values():
-                m.eval()
-            raw = [self.raw_maps(b) for b in batches(val_images, c.predict_batch)]
-            self.val_maps = {"st": torch.cat([r[0] for r in raw])}
-            self.quantiles = {"st": map_quantiles(self.val_maps["st"], c.q_a, c.q_b)}
-            if self.autoencoder is not None:
-                self.val_maps["ae"] = torch.cat([r[1] for r in raw])
-                self.quantiles["ae"] = map_quantiles(self.val_maps["ae"], c.q_a, c.q_b)
-        return self
+        for m in modules.values():
+            m.train()
+        return TrainingRun(loss_fn, RandomBatches(fit_images, c.batch_size, c.seed), steps,
+                           optimizer, modules, scheduler=scheduler, seed=c.seed,
+                           desc="EfficientAD", extra={"val_images": val_images},
+                           context=lambda: one_thread(c.single_thread))
+
+    def finish_training(self, run) -> None:
+        """After the loop: eval mode, and the map quantiles over the validation images."""
+        from adlab.features import batches
+
+        c = self.config
+        self.history = run.history
+        for m in run.modules.values():
+            m.eval()
+        raw = [self.raw_maps(b) for b in batches(run.extra["val_images"], c.predict_batch)]
+        self.val_maps = {"st": torch.cat([r[0] for r in raw])}
+        self.quantiles = {"st": map_quantiles(self.val_maps["st"], c.q_a, c.q_b)}
+        if self.autoencoder is not None:
+            self.val_maps["ae"] = torch.cat([r[1] for r in raw])
+            self.quantiles["ae"] = map_quantiles(self.val_maps["ae"], c.q_a, c.q_b)
 
     @torch.no_grad()
     def _teacher_stats(self, images: Tensor) -> tuple[Tensor, Tensor]:
