@@ -262,3 +262,14 @@ def test_image_folder_and_teacher_weights_errors(tmp_path):
     with pytest.raises(ValueError, match="teacher weights"):
         _tiny(teacher_weights=str(tmp_path / "t.pt"), out_channels=16).fit(torch.rand(10, 3, 64, 64),
                                                                            progress=False)
+
+
+def test_saved_detector_predicts_the_same(monkeypatch, tmp_path):
+    monkeypatch.setenv("ADLAB_CACHE", str(tmp_path))
+    from adlab.detector import load_detector, save_detector
+
+    images = torch.rand(10, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    det = _tiny().fit(images, progress=False)
+    save_detector(det, tmp_path / "det.pt", "efficientad_s")
+    loaded = load_detector(tmp_path / "det.pt", "efficientad_s")
+    torch.testing.assert_close(loaded.predict(images[:3]).maps, det.predict(images[:3]).maps)

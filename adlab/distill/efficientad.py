@@ -444,6 +444,31 @@ class EfficientAD:
             self.val_maps["ae"] = torch.cat([r[1] for r in raw])
             self.quantiles["ae"] = map_quantiles(self.val_maps["ae"], c.q_a, c.q_b)
 
+    #: What a fitted detector is (see ``adlab.detector.save_detector``).
+    STATE = ("teacher", "student", "autoencoder", "t_mean", "t_std", "quantiles", "history")
+
+    def state_dict(self) -> dict:
+        """Teacher, student and autoencoder weights, teacher statistics, map quantiles."""
+        from adlab.detector import get_state
+
+        return get_state(self, self.STATE)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Rebuild the networks from the config (random init), then take the saved state."""
+        from adlab.detector import set_state
+
+        c = self.config
+        self.teacher = pdn(c.model_size, c.out_channels, c.width).to(self.device)
+        C2 = 2 * c.out_channels if c.use_autoencoder else c.out_channels
+        self.student = pdn(c.model_size, C2, c.width).to(self.device)
+        self.autoencoder = (autoencoder(c.out_channels, c.image_size, self.map_size,
+                                        c.ae_decoder_sizes).to(self.device)
+                            if c.use_autoencoder else None)
+        set_state(self, state)
+        for m in (self.teacher, self.student, self.autoencoder):
+            if m is not None:
+                m.eval().requires_grad_(False)
+
     @torch.no_grad()
     def _teacher_stats(self, images: Tensor) -> tuple[Tensor, Tensor]:
         from adlab.distill.teacher import channel_stats
