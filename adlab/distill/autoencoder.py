@@ -10,7 +10,7 @@ loses), so their difference is small there; on a logical defect the autoencoder
 reconstructs the normal layout while the local student follows the image: the difference is
 large.
 
-Layout (paper Table 8; nelson1425/EfficientAD ``common.py:6-62``): encoder = stride-2
+Layout (paper Sec. 3.3; nelson1425/EfficientAD ``common.py:6-62``): encoder = stride-2
 convolutions (kernel 4, padding 1) with 32, 32, 64, 64, 64 channels and ReLU, down to
 8 x 8, then Conv(64, 64, 8) to a 1 x 1 code, no ReLU; decoder = bilinear upsampling to
 3, 8, 15, 32, 63, 127 pixels, each followed by Conv(64, 64, 4, padding 2) ReLU Dropout(0.2),

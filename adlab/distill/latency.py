@@ -1,4 +1,4 @@
-"""How fast is EfficientAD on *this* machine? (Batzner et al., WACV 2024, Sec. 4.3.)
+"""How fast is EfficientAD on *this* machine? (Batzner et al., WACV 2024.)
 
 The paper reports latency and throughput on GPUs (EfficientAD-S: about 2 ms per image and
 600 images/s on an NVIDIA RTX A6000). Those are the paper's numbers on the paper's hardware,
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-#: The paper's GPU numbers, printed for reference only (abstract and Fig. 1, NVIDIA RTX A6000):
+#: The paper's GPU numbers, printed for reference only (measured there on an NVIDIA RTX A6000):
 #: EfficientAD-S about 2 ms per image and 600 images/s; EfficientAD-M 4.5 ms per image.
 PAPER_REFERENCE = {"EfficientAD-S": "about 2 ms / image, about 600 images/s (RTX A6000 GPU)",
                    "EfficientAD-M": "about 4.5 ms / image (RTX A6000 GPU)"}

@@ -5,7 +5,7 @@ padding**. Every output cell therefore sees exactly one 33 x 33 patch of the inp
 nothing else: a defect can only change the outputs whose patch contains it, which is why
 the PDN localises (Sec. 3.1, Fig. 3). A 256 px image gives a 56 x 56 map.
 
-Layouts (paper Sec. 3.1 and Tables 6-7; nelson1425/EfficientAD ``common.py:64-101``):
+Layouts (paper Sec. 3.1; nelson1425/EfficientAD ``common.py:64-101``):
 
 * PDN-S: Conv(3, 128, 4) ReLU AvgPool(2, 2) · Conv(128, 256, 4) ReLU AvgPool(2, 2) ·
   Conv(256, 256, 3) ReLU · Conv(256, C, 4)
