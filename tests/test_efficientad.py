@@ -221,7 +221,9 @@ def test_paper_profile_builds_and_runs(monkeypatch, tmp_path):
     pred = small.predict(images[:1])
     assert pred.maps.shape == (1, 256, 256) and torch.isfinite(pred.scores).all()
     from adlab.distill.efficientad import EfficientADMedium
-    medium = EfficientADMedium(teacher="random", **tiny).fit(images, progress=False)
+    assert EfficientADMedium.Config(steps=1).model_size == "medium"
+    medium = EfficientADMedium(EfficientADMedium.Config(teacher="random", **tiny)).fit(
+        images, progress=False)
     assert len([m for m in medium.student if isinstance(m, torch.nn.Conv2d)]) == 6
     assert torch.isfinite(medium.predict(images[:1]).scores).all()
 

@@ -296,7 +296,7 @@ class EfficientAD:
     def __init__(self, config: EfficientADConfig | None = None, **overrides):
         from adlab.config import device
 
-        self.config = make_config(EfficientADConfig, config, overrides)
+        self.config = make_config(type(self).Config, config, overrides)
         c = self.config
         if c.model_size not in ("small", "medium"):
             raise ValueError(f"model_size must be 'small' or 'medium'; got {c.model_size!r}.")
@@ -493,14 +493,18 @@ class EfficientAD:
         return Prediction(maps.flatten(1).amax(1), maps)
 
 
+@dataclass
+class EfficientADMediumConfig(EfficientADConfig):
+    """EfficientAD-M hyperparameters: the medium PDN (Sec. 3.1), the rest as EfficientAD-S."""
+
+    model_size: str = "medium"
+
+
 class EfficientADMedium(EfficientAD):
     """EfficientAD-M: the same method with the medium PDN (Sec. 3.1)."""
 
-    def __init__(self, config: EfficientADConfig | None = None, **overrides):
-        if config is None:
-            overrides.setdefault("model_size", "medium")
-        super().__init__(config, **overrides)
+    Config = EfficientADMediumConfig
 
 
-__all__ = ["EfficientAD", "EfficientADMedium", "EfficientADConfig", "color_jitter", "adjust",
+__all__ = ["EfficientAD", "EfficientADMedium", "EfficientADConfig", "EfficientADMediumConfig", "color_jitter", "adjust",
            "normalize_map", "map_quantiles", "to_image_size", "teacher_for", "load_folder"]
