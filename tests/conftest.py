@@ -7,6 +7,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def live_output(monkeypatch):
+    """Unit tests see live progress bars and widgets: ``notebooks/conftest.py`` sets
+    ``ADLAB_STATIC_OUTPUT=1`` for notebook kernels, and a pytest-xdist worker may run a
+    unit test after a notebook in the same process. Tests that want the static
+    output set it themselves."""
+    monkeypatch.delenv("ADLAB_STATIC_OUTPUT", raising=False)
+
+
 def _load_script(name: str):
     """``data_scripts/<name>.py`` imported as a module (its ``main(argv)`` is the CLI)."""
     spec = importlib.util.spec_from_file_location(f"adlab_script_{name}",

@@ -151,27 +151,39 @@ def test_assign_without_nbgrader_says_how_to_install_it(tmp_path, monkeypatch, c
     assert not (tmp_path / "student").exists()
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_student_checks_fail_and_instructor_checks_pass(path, tmp_path, notebook_env):
+class StudentRun:
     """One kernel run: the student version as generated, then the instructor's exercise
     cells (solution, check) replayed after it. Every student check must fail on its stub,
-    every instructor check must pass. The run's folder is not the notebook's own."""
-    instructor = assign.tag_notebook(nbformat.read(path, as_version=4))
-    run = assign.student_version(instructor)
-    for cell in instructor.cells:
-        if "nbgrader" in cell.metadata:
-            replay = copy.deepcopy(cell)
-            replay.id = f"{cell.id}-instructor"
-            replay.metadata["nbgrader"]["grade_id"] += "_instructor"
-            run.cells.append(replay)
-    nbformat.write(run, tmp_path / path.name)
+    every instructor check must pass. The run's folder is not the notebook's own.
 
-    records = assign.score(assign.execute(tmp_path / path.name))
-    student = [r for r in records if not r["grade_id"].endswith("_instructor")]
-    teacher = [r for r in records if r["grade_id"].endswith("_instructor")]
-    assert student and len(teacher) == len(student)
-    assert [r for r in student if r["error"] != "NotImplementedError"] == []
-    assert [r for r in teacher if r["error"] is not None] == []
+    One subclass per notebook (below), so pytest-xdist (``--dist loadscope``) runs the
+    notebooks' student versions side by side: each class is its own scope."""
+
+    path: Path
+
+    def test_student_checks_fail_and_instructor_checks_pass(self, tmp_path, notebook_env):
+        path = self.path
+        instructor = assign.tag_notebook(nbformat.read(path, as_version=4))
+        run = assign.student_version(instructor)
+        for cell in instructor.cells:
+            if "nbgrader" in cell.metadata:
+                replay = copy.deepcopy(cell)
+                replay.id = f"{cell.id}-instructor"
+                replay.metadata["nbgrader"]["grade_id"] += "_instructor"
+                run.cells.append(replay)
+        nbformat.write(run, tmp_path / path.name)
+
+        records = assign.score(assign.execute(tmp_path / path.name))
+        student = [r for r in records if not r["grade_id"].endswith("_instructor")]
+        teacher = [r for r in records if r["grade_id"].endswith("_instructor")]
+        assert student and len(teacher) == len(student)
+        assert [r for r in student if r["error"] != "NotImplementedError"] == []
+        assert [r for r in teacher if r["error"] is not None] == []
+
+
+for _path in NOTEBOOKS:
+    _name = "TestStudent_" + "".join(ch if ch.isalnum() else "_" for ch in _path.stem)
+    globals()[_name] = type(_name, (StudentRun,), {"path": _path})
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
