@@ -212,14 +212,17 @@ class CsvLog:
         self.file.close()
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of pixels, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive number of pixels, got {value}")
-    return value
+def positive(what: str):
+    """An argparse type: a whole number of at least 1 ``what`` (plural, e.g. "pixels")."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number of {what}, got {text!r}")
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be a positive number of {what}, got {value}")
+        return value
+    return parse
 
 
 def _parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
@@ -267,7 +270,7 @@ def main(argv=None) -> int:
     parser.add_argument("--root", default=None,
                         help="an MVTec-layout folder (default: synthetic data in the quick "
                              "profile, $ADLAB_DATA in the paper profile)")
-    parser.add_argument("--image-size", type=_positive_int, default=None,
+    parser.add_argument("--image-size", type=positive("pixels"), default=None,
                         help="square image side (default: the profile's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--csv", default=None,

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from adlab import distributed
+from adlab.bench import positive
 
 PRECISION_HELP = ("numeric precision of training: 32 (float32), bf16 (autocast to bfloat16; "
                   "CPU and CUDA), 16-mixed (autocast to float16 with a gradient scaler; CUDA "
@@ -46,18 +47,6 @@ def default_precision() -> str:
     return "16-mixed" if device().type == "cuda" else "32"
 
 
-def _positive(what: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number of {what}, got {text!r}")
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"must be at least 1 {what[:-1]}, got {value}")
-        return value
-    return parse
-
-
 def parser() -> argparse.ArgumentParser:
     from adlab.bench import METHODS
 
@@ -73,19 +62,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=None,
                    help="an MVTec-layout folder (default: synthetic data in the quick profile, "
                         "$ADLAB_DATA in the paper profile)")
-    p.add_argument("--steps", type=_positive("steps"), default=None,
+    p.add_argument("--steps", type=positive("steps"), default=None,
                    help="optimiser steps (default: the method's, from its config)")
     p.add_argument("--resume", action="store_true",
                    help="continue the training checkpoint <out>.train.pt (after a crash, or to "
                         "more --steps)")
     p.add_argument("--precision", choices=("16-mixed", "bf16", "32"), default=None,
                    help=PRECISION_HELP)
-    p.add_argument("--image-size", type=_positive("pixels"), default=None,
+    p.add_argument("--image-size", type=positive("pixels"), default=None,
                    help="square image side the data are loaded at (default: the profile's)")
     p.add_argument("--seed", type=int, default=0,
                    help="the detector's seed (its config.seed: split, initialisation, batch "
                         "order); default 0, as bench")
-    p.add_argument("--checkpoint-every", type=_positive("steps"), default=500,
+    p.add_argument("--checkpoint-every", type=positive("steps"), default=500,
                    help="write the training checkpoint every N steps (default 500)")
     return p
 

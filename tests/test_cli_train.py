@@ -61,7 +61,7 @@ def test_resume_continues_to_more_steps_like_one_run(root, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "nope", "--category", "weave", "--out", "x.pt"], "unknown method 'nope'"),
-    (["train", "cflow", "--category", "weave", "--out", "x.pt", "--steps", "0"], "at least 1"),
+    (["train", "cflow", "--category", "weave", "--out", "x.pt", "--steps", "0"], "positive number of steps"),
     (["train", "padim", "--category", "weave", "--out", "x.pt", "--steps", "3"], "no training steps"),
     (["train", "cflow", "--out", "x.pt"], "--category"),
     (["train", "cflow", "--category", "weave", "--out", "x.pt", "--resume"], "nothing|no training checkpoint"),
