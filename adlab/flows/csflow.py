@@ -78,7 +78,7 @@ class CSFlowConfig:
     # config.py:24: n_coupling_blocks = 4.
     n_blocks: int = 4
     # config.py:25: fc_internal = 1024 hidden channels in every subnetwork conv. Quick: 32
-    # (a training step costs ~0.3 s of one CPU core at 128 px with 32).
+    # (a training step costs ~0.4 s of one CPU core at 128 px with 32 and layer1 features).
     hidden: int = field(default_factory=lambda: by_profile(quick=32, paper=1024))
     # config.py:38: kernel 3 in every block but the last, which uses 5. None: that rule.
     kernel_sizes: tuple | None = None
