@@ -42,6 +42,24 @@ def test_mahalanobis_matches_scipy():
             assert got[b, p].item() == pytest.approx(want, rel=1e-4)
 
 
+def test_inverse_covariances_match_numpy_at_paper_dimension():
+    """d = 550 with only 2 images (rank 1 + eps I), as the paper-profile dry run fits it."""
+    g = torch.Generator().manual_seed(1)
+    train = torch.randn(2, 3, 550, generator=g) * 30
+    _, sigma_inv = gaussian_parameters(train, epsilon=0.01, chunk=2)
+    for p in range(3):
+        cov = np.cov(train[:, p].double().numpy(), rowvar=False) + 0.01 * np.eye(550)
+        np.testing.assert_allclose(sigma_inv[p].double().numpy(), np.linalg.inv(cov),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_non_finite_embeddings_give_a_clear_error():
+    train = torch.randn(4, 2, 5)
+    train[1, 0, 2] = float("nan")
+    with pytest.raises(ValueError, match="not positive definite"):
+        gaussian_parameters(train)
+
+
 def test_embedding_concat_copies_coarse_cells_into_their_fine_block():
     a, b = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 4, 4)
     e = embedding_concat([a, b])

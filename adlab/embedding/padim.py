@@ -102,13 +102,24 @@ def gaussian_parameters(x: torch.Tensor, epsilon: float = 0.01, chunk: int = 256
 
     The covariance (Eq. 1) and its batched inverse are computed in float64, ``chunk``
     positions at a time, so only the inverses are kept (memory ``P d^2`` floats).
+    ``Sigma + eps I`` is symmetric positive definite, so the inverse goes through its
+    Cholesky factor (the official code calls ``np.linalg.inv``: the same matrix to float64
+    rounding). A general LU inverse (``torch.linalg.inv``) failed here once on 256 matrices
+    of 550 x 550 inside a multi-threaded pytest worker ("Intel oneMKL ERROR: Parameter 6
+    was incorrect on entry to DLASWP", then "Pivots given to lu_solve must all be greater
+    or equal to 1"); Cholesky uses no pivots.
     """
     mu = x.mean(0)
     p, d = mu.shape
     sigma_inv = torch.empty(p, d, d, dtype=x.dtype, device=x.device)
     for s in range(0, p, chunk):
         sigma = covariance(x[:, s:s + chunk].double(), epsilon)
-        sigma_inv[s:s + chunk] = torch.linalg.inv(sigma).to(x.dtype)
+        factor, info = torch.linalg.cholesky_ex(sigma)
+        if info.any():
+            raise ValueError("PaDiM: a covariance is not positive definite (its Cholesky "
+                             "factorisation failed); the embeddings hold NaN or infinite values, "
+                             "or epsilon is <= 0. Check the images and the backbone's output.")
+        sigma_inv[s:s + chunk] = torch.cholesky_inverse(factor).to(x.dtype)
     return mu, sigma_inv
 
 
