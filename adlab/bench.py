@@ -39,6 +39,7 @@ METHODS = {
     "csflow": "adlab.flows.csflow:CSFlow",
     "differnet": "adlab.flows.differnet:DifferNet",
     "efficientad_s": "adlab.distill.efficientad:EfficientAD", "efficientad_m": "adlab.distill.efficientad:EfficientADMedium",
+    "intra": "adlab.inpaint.intra:InTra",
 }
 METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max",
            "aupro")
