@@ -197,3 +197,14 @@ def test_paper_profile_model_one_step_and_predict():
     assert np.isfinite(det.history[0])
     pred = det.predict(torch.rand(1, 3, 256, 256))
     assert pred.maps.shape == (1, 256, 256) and torch.isfinite(pred.maps).all()
+
+
+def test_autoencoder_baseline_shapes_and_reconstruction_improves():
+    from adlab.inpaint.autoencoder import ConvAutoencoder
+
+    torch.manual_seed(0)
+    imgs = torch.rand(8, 3, 1, 1).expand(8, 3, 32, 32).clone()
+    ae = ConvAutoencoder(image_size=32, steps=60, batch_size=8).fit(imgs, progress=False)
+    assert ae.history[-1] < 0.5 * ae.history[0]
+    pred = ae.predict(torch.rand(2, 3, 48, 48))
+    assert pred.maps.shape == (2, 48, 48) and torch.allclose(pred.scores, pred.maps.flatten(1).amax(1))
