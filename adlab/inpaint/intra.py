@@ -2,7 +2,11 @@
 
 No official code exists, and the public re-implementations we know of do not reproduce the
 paper's numbers: everything here is written from the paper; each choice it leaves open is
-marked "paper silent" below and in :mod:`adlab.inpaint.model`.
+marked "paper silent" below and in :mod:`adlab.inpaint.model`. The paper's settings (K 16,
+L 7, D 512, 13 blocks, 8 heads, 256 px, MS-GMS at 4 scales with c = 0.0026) are those of our
+notes on the paper (``METHODS.md``); the section numbers and the loss weights
+(``alpha = beta = 0.01``) are from our reading of the paper and were not re-checked against
+its text when this file was written: check them before quoting them.
 
 * Training (Sec. 3): random windows of ``L x L`` patches from defect-free images, one random
   patch of each hidden; the network (:class:`~adlab.inpaint.model.InTraNet`) inpaints it,
