@@ -97,3 +97,14 @@ def test_ssim_map_matches_skimage_full_map_borders_included():
                                     data_range=1.0, channel_axis=0, full=True)
     ours = ssim_map(torch.from_numpy(x)[None], torch.from_numpy(y)[None])[0].numpy()
     np.testing.assert_allclose(ours, full, atol=1e-4)
+
+
+def test_per_channel_difference_is_the_channel_maximum_of_numpy_maps():
+    rng = np.random.default_rng(2)
+    x = rng.random((3, 32, 32))
+    y = x.copy()
+    y[2, 8:16, 8:16] = 1.0                                  # a defect in the blue channel only
+    ours = msgms_difference(torch.from_numpy(x)[None], torch.from_numpy(y)[None], scales=1,
+                            per_channel=True)[0].numpy()
+    expected = np.max([1 - _np_gms(x[c:c + 1], y[c:c + 1]) for c in range(3)], axis=0)
+    np.testing.assert_allclose(ours, expected, atol=2e-5)   # sqrt(. + 1e-12) in ours at flat spots

@@ -15,7 +15,8 @@ its text when this file was written: check them before quoting them.
   centred where the grid allows and shifted inwards at the borders
   (:func:`centred_windows`); the inpainted patches form the inpainted image; the anomaly map
   is the multi-scale GMS difference between image and inpainted image (4 scales,
-  :func:`~adlab.inpaint.similarity.msgms_difference`), smoothed by a mean filter and then a
+  :func:`~adlab.inpaint.similarity.msgms_difference`; per colour channel, maximum over
+  channels, by default: paper silent on colour, see ``per_channel_map``), smoothed by a mean filter and then a
   Gaussian (:func:`smooth`); the image score is the maximum of the map.
 """
 from __future__ import annotations
@@ -62,6 +63,11 @@ class InTraConfig:
     beta: float = 0.01
     # GMS scales for the loss and the map (paper: 4, following RIAD).
     scales: int = 4
+    # Map from the GMS difference of each colour channel, maximum over channels (True), or of
+    # the grey image (False). Paper silent on colour: our choice. Measured on the synthetic
+    # data, quick profile, seed 0, image AUROC grey -> per channel: weave 0.848 -> 0.878,
+    # stone 0.889 -> 0.964, nut 0.647 -> 0.714, pins 0.655 -> 0.755.
+    per_channel_map: bool = True
     # Adam. Paper silent as far as our notes go: lr 1e-4 is the usual transformer choice;
     # quick: 2e-3, since the tiny model trains for a few hundred steps only.
     lr: float = field(default_factory=lambda: by_profile(quick=2e-3, paper=1e-4))
@@ -242,7 +248,8 @@ class InTra:
         sigma = c.sigma if c.sigma is not None else c.patch_size / 4
         with one_thread(c.single_thread):
             x = self._input(images)
-            maps = smooth(msgms_difference(x, self.inpaint(images), c.scales), mean_filter, sigma)
+            diff = msgms_difference(x, self.inpaint(images), c.scales, c.per_channel_map)
+            maps = smooth(diff, mean_filter, sigma)
         maps = F.interpolate(maps[:, None], size=images.shape[-2:], mode="bilinear",
                              align_corners=False)[:, 0]
         return Prediction(maps.flatten(1).amax(1), maps)

@@ -109,9 +109,16 @@ def msgms_loss(x: Tensor, y: Tensor, scales: int = 4) -> Tensor:
     return torch.stack([m.mean() for m in msgms_maps(x, y, scales)]).mean()
 
 
-def msgms_difference(x: Tensor, y: Tensor, scales: int = 4) -> Tensor:
+def msgms_difference(x: Tensor, y: Tensor, scales: int = 4, per_channel: bool = False) -> Tensor:
     """The anomaly map before smoothing: ``1 - GMS`` of each scale upsampled (bilinear) to the
-    input size, averaged over scales: ``[B, H, W]``."""
+    input size, averaged over scales: ``[B, H, W]``.
+
+    ``per_channel=True``: the map of each colour channel on its own, then the maximum over
+    channels (a colour defect with little grey-level gradient shows in one channel).
+    """
+    if per_channel:
+        return torch.stack([msgms_difference(x[:, c:c + 1], y[:, c:c + 1], scales)
+                            for c in range(x.shape[1])]).amax(0)
     size = x.shape[-2:]
     maps = [F.interpolate(m, size=size, mode="bilinear", align_corners=False)
             for m in msgms_maps(x, y, scales)]
