@@ -35,6 +35,7 @@ class AutoencoderConfig:
     mean_filter: int = 5          # as InTra's quick map smoothing (K + 1, sigma K / 4, K = 4)
     sigma: float = 1.0
     scales: int = 4
+    per_channel_map: bool = True  # as InTra's map (GMS per colour channel, max over channels)
     seed: int = 0
     single_thread: bool = field(default_factory=lambda: by_profile(quick=True, paper=False))
 
@@ -115,7 +116,8 @@ class ConvAutoencoder:
         self.net.eval()
         with one_thread(c.single_thread):
             x = self._input(images)
-            maps = smooth(msgms_difference(x, self.net(x), c.scales), c.mean_filter, c.sigma)
+            diff = msgms_difference(x, self.net(x), c.scales, c.per_channel_map)
+            maps = smooth(diff, c.mean_filter, c.sigma)
         maps = F.interpolate(maps[:, None], size=images.shape[-2:], mode="bilinear",
                              align_corners=False)[:, 0]
         return Prediction(maps.flatten(1).amax(1), maps)
