@@ -38,8 +38,10 @@ METHODS = {
     "fastflow": "adlab.flows.fastflow:FastFlow",
     "csflow": "adlab.flows.csflow:CSFlow",
     "differnet": "adlab.flows.differnet:DifferNet",
-    "efficientad_s": "adlab.distill.efficientad:EfficientAD", "efficientad_m": "adlab.distill.efficientad:EfficientADMedium",
+    "efficientad_s": "adlab.distill.efficientad:EfficientAD",
+    "efficientad_m": "adlab.distill.efficientad:EfficientADMedium",
     "intra": "adlab.inpaint.intra:InTra",
+    "autoencoder": "adlab.inpaint.autoencoder:ConvAutoencoder",   # InTra's baseline
 }
 METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max",
            "aupro")

@@ -44,6 +44,8 @@ TINY = {
     # the same PDN teacher, random instead of distilled (60,000 steps); 2 penalty images
     "efficientad_s": {"teacher": "random", "penalty_images": 2},
     "efficientad_m": {"teacher": "random", "penalty_images": 2},
+    "intra": {"batch_size": 2, "windows_per_image": 2},
+    "autoencoder": {"batch_size": 2},
 }
 #: Image side where it is not the paper profile's (see the module docstring).
 SIZES = {"padim": 64}

@@ -18,6 +18,8 @@ TINY = {
     "fastflow": {"epochs": 2, "eval_every": 1},
     "csflow": {"epochs": 1},
     "differnet": {"steps": 3, "train_pool": 2, "n_transforms": 2},
+    "intra": {"steps": 3, "image_size": 32},
+    "autoencoder": {"steps": 3, "image_size": 32},
 }
 
 

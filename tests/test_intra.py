@@ -208,3 +208,39 @@ def test_autoencoder_baseline_shapes_and_reconstruction_improves():
     assert ae.history[-1] < 0.5 * ae.history[0]
     pred = ae.predict(torch.rand(2, 3, 48, 48))
     assert pred.maps.shape == (2, 48, 48) and torch.allclose(pred.scores, pred.maps.flatten(1).amax(1))
+
+
+# ---------------------------------------------------------------- the shipped checkpoints
+CHECKPOINTS = __import__("pathlib").Path(__file__).parents[1] / "notebooks" / "checkpoints"
+
+
+@pytest.mark.parametrize("method", ["intra", "autoencoder"])
+def test_shipped_checkpoints_are_todays_quick_defaults(method, monkeypatch):
+    """Notebook 30 loads these files; they must be what `python -m adlab train` gives today:
+    the quick profile's settings (a default changed since they were trained fails here),
+    seed 0, stone, and small enough to ship."""
+    from adlab.bench import detector_class
+    from adlab.detector import config_dict, load_detector
+
+    monkeypatch.delenv("ADLAB_PROFILE", raising=False)
+    path = CHECKPOINTS / f"{method}_stone.pt"
+    assert path.stat().st_size < 5e6
+    det = load_detector(path, method)
+    assert config_dict(det.config) == config_dict(detector_class(method)().config)
+    assert det.info["category"] == "stone"
+    assert len(det.history) == det.config.steps and np.isfinite(det.history).all()
+
+
+def test_the_train_command_reproduces_the_shipped_autoencoder(tmp_path, monkeypatch):
+    """Retrain the notebook's autoencoder with the repository's command: same weights' scores."""
+    from adlab import __main__ as cli
+    from adlab.data.mvtec import load_dataset
+    from adlab.detector import load_detector
+
+    monkeypatch.delenv("ADLAB_PROFILE", raising=False)
+    out = tmp_path / "ae.pt"
+    assert cli.main(["train", "autoencoder", "--category", "stone", "--out", str(out)]) == 0
+    test = load_dataset("stone", "test")
+    shipped = load_detector(CHECKPOINTS / "autoencoder_stone.pt").predict(test.images[:8])
+    again = load_detector(out).predict(test.images[:8])
+    torch.testing.assert_close(again.scores, shipped.scores, rtol=1e-3, atol=1e-4)
