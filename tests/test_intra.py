@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from adlab.inpaint.intra import InTra, centred_windows, smooth
+from adlab.inpaint.intra import CHECKPOINTS, InTra, centred_windows, smooth
 from adlab.inpaint.model import InTraLoss, InTraNet, patchify, sincos_2d, unpatchify
 
 
@@ -211,7 +211,6 @@ def test_autoencoder_baseline_shapes_and_reconstruction_improves():
 
 
 # ---------------------------------------------------------------- the shipped checkpoints
-CHECKPOINTS = __import__("pathlib").Path(__file__).parents[1] / "notebooks" / "checkpoints"
 
 
 @pytest.mark.parametrize("method", ["intra", "autoencoder"])

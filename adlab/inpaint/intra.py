@@ -27,11 +27,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pathlib import Path
+
 from adlab.config import by_profile
 from adlab.detector import Prediction, get_state, make_config, set_state
 from adlab.flows.pyramidflow import one_thread
 from adlab.inpaint.model import InTraLoss, InTraNet, patchify, unpatchify
 from adlab.inpaint.similarity import gaussian_filter, msgms_difference
+
+
+#: Small detectors shipped with the package (notebook 30 loads them): ``intra_stone.pt`` and
+#: ``autoencoder_stone.pt``, each written by ``python -m adlab train METHOD --category stone
+#: --out adlab/checkpoints/METHOD_stone.pt`` with the quick profile's defaults and seed 0.
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 
 
 @dataclass
@@ -58,7 +66,9 @@ class InTraConfig:
     long_residual: bool = True
     # "global" (the paper: learned embedding over the whole image grid) or "local" (ablation).
     position: str = "global"
-    # Loss weights of MS-GMS and SSIM next to L2 (paper: alpha = beta = 0.01, as we read it).
+    # Loss weights of MS-GMS and SSIM next to L2 (paper: alpha = beta = 0.01, as we read it;
+    # the unofficial jhy12/inpainting-transformer keeps `mse + 0.01 * msgms + 0.01 * ssim` as a
+    # commented-out line of model.py `_compute_loss` and trains with all weights 1).
     alpha: float = 0.01
     beta: float = 0.01
     # GMS scales for the loss and the map (paper: 4, following RIAD).
