@@ -21,7 +21,7 @@ from torch import nn
 from adlab.config import by_profile
 from adlab.detector import Prediction, get_state, make_config, set_state
 from adlab.flows.pyramidflow import one_thread
-from adlab.inpaint.intra import smooth
+from adlab.inpaint.intra import resized, smooth
 from adlab.inpaint.similarity import msgms_difference
 
 
@@ -68,12 +68,7 @@ class ConvAutoencoder:
             self.net = conv_autoencoder(self.config.bottleneck).to(self.device)
 
     def _input(self, images):
-        s = self.config.image_size
-        images = images.to(self.device).float()
-        if images.shape[-2:] != (s, s):
-            images = F.interpolate(images, size=(s, s), mode="bilinear", align_corners=False,
-                                   antialias=True)
-        return images
+        return resized(images, self.config.image_size, self.device)
 
     def reconstruct(self, images):
         return self.net(self._input(images))

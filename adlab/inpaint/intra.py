@@ -125,6 +125,15 @@ def centred_windows(grid: tuple[int, int], window: int):
     return top, left, (i - top) * window + (j - left)
 
 
+def resized(images: Tensor, side: int, device) -> Tensor:
+    """``images`` as float on ``device``, resized (bilinear, antialiased) to ``side x side``."""
+    images = images.to(device).float()
+    if images.shape[-2:] != (side, side):
+        images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False,
+                               antialias=True)
+    return images
+
+
 def smooth(maps: Tensor, mean_filter: int, sigma: float) -> Tensor:
     """Mean filter (``mean_filter`` px square, borders averaged over the pixels inside), then a
     Gaussian (``sigma``, scipy ``reflect`` borders): ``[B, H, W] -> [B, H, W]``."""
@@ -170,12 +179,7 @@ class InTra:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"InTra expects images [B, 3, H, W] in [0, 1]; got shape "
                              f"{tuple(images.shape)}.")
-        side = self.config.image_size
-        images = images.to(self.device).float()
-        if images.shape[-2:] != (side, side):
-            images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False,
-                                   antialias=True)
-        return images
+        return resized(images, self.config.image_size, self.device)
 
     def loss(self, images: Tensor) -> Tensor:
         """Random windows of ``images``, one hidden patch each; the inpainting loss."""
@@ -269,4 +273,4 @@ class InTra:
         return Prediction(maps.flatten(1).amax(1), maps)
 
 
-__all__ = ["InTra", "InTraConfig", "random_windows", "centred_windows", "smooth"]
+__all__ = ["InTra", "InTraConfig", "random_windows", "centred_windows", "smooth", "resized"]
