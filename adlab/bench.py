@@ -42,6 +42,8 @@ METHODS = {
     "efficientad_m": "adlab.distill.efficientad:EfficientADMedium",
     "intra": "adlab.inpaint.intra:InTra",
     "autoencoder": "adlab.inpaint.autoencoder:ConvAutoencoder",   # InTra's baseline
+    "ddim_recon": "adlab.diffusion.reconstruct:DiffusionReconstruction",
+    "glad": "adlab.diffusion.glad:GLAD",
 }
 METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max",
            "aupro")

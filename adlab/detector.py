@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -15,10 +15,15 @@ import torch
 
 @dataclass
 class Prediction:
-    """Image scores ``[B]`` and anomaly maps ``[B, H, W]`` (CPU float tensors)."""
+    """Image scores ``[B]`` and anomaly maps ``[B, H, W]`` (CPU float tensors).
+
+    ``extras``: optional per-image values a method records, each a tensor whose first axis
+    is the batch (e.g. GLAD's adaptive step, ``extras["step"]``); empty for most methods.
+    """
 
     scores: torch.Tensor
     maps: torch.Tensor
+    extras: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.scores = torch.as_tensor(self.scores).detach().float().cpu().reshape(-1)
@@ -28,6 +33,11 @@ class Prediction:
         if self.maps.ndim != 3 or self.maps.shape[0] != self.scores.shape[0]:
             raise ValueError(f"Prediction needs scores [B] and maps [B, H, W]; got "
                              f"{tuple(self.scores.shape)} and {tuple(self.maps.shape)}")
+        self.extras = {k: torch.as_tensor(v).detach().cpu() for k, v in dict(self.extras).items()}
+        for key, value in self.extras.items():
+            if value.ndim == 0 or value.shape[0] != self.scores.shape[0]:
+                raise ValueError(f"Prediction extras[{key!r}] needs one value per image "
+                                 f"({self.scores.shape[0]}); got shape {tuple(value.shape)}")
 
 
 def make_config(config_class, config=None, overrides=None):
@@ -46,13 +56,14 @@ class Detector(Protocol):
 
 def predict_dataset(detector: Detector, dataset, batch_size: int = 16) -> Prediction:
     """Run ``detector.predict`` over a whole dataset in batches."""
-    scores, maps = [], []
+    preds = []
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
-            pred = detector.predict(dataset.images[start:start + batch_size])
-            scores.append(pred.scores)
-            maps.append(pred.maps)
-    return Prediction(torch.cat(scores), torch.cat(maps))
+            preds.append(detector.predict(dataset.images[start:start + batch_size]))
+    extras = {key: torch.cat([p.extras[key] for p in preds]) for key in preds[0].extras
+              if all(key in p.extras for p in preds)}
+    return Prediction(torch.cat([p.scores for p in preds]), torch.cat([p.maps for p in preds]),
+                      extras)
 
 
 def evaluate(detector: Detector, dataset, batch_size: int = 16) -> dict:
