@@ -228,14 +228,17 @@ def add_pixel_term(fmap: Tensor, l1: Tensor, v: float) -> Tensor:
     return fmap + v * ratio.view(-1, 1, 1) * l1
 
 
-def ssim_map(x: Tensor, y: Tensor, sigma: float = 1.5, data_range: float = 1.0) -> Tensor:
+def ssim_map(x: Tensor, y: Tensor, sigma: float = 1.5, data_range: float = 1.0,
+             truncate: float = 3.5) -> Tensor:
     """1 - SSIM per pixel (Wang et al. 2004, Eq. 13; Gaussian window sigma 1.5, K1 0.01,
-    K2 0.03), averaged over channels: ``[B, C, H, W]`` x 2 -> ``[B, H, W]``."""
+    K2 0.03, population variances; the window truncated at 3.5 sigma as scikit-image's
+    ``structural_similarity(gaussian_weights=True)``), averaged over channels:
+    ``[B, C, H, W]`` x 2 -> ``[B, H, W]``."""
     C1, C2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     B, C, H, W = x.shape
 
     def blur(t):
-        return gaussian_blur(t.reshape(B * C, H, W), sigma).view(B, C, H, W)
+        return gaussian_blur(t.reshape(B * C, H, W), sigma, truncate).view(B, C, H, W)
 
     mx, my = blur(x), blur(y)
     vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
