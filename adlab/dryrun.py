@@ -46,6 +46,12 @@ TINY = {
     "efficientad_m": {"teacher": "random", "penalty_images": 2},
     "intra": {"batch_size": 2, "windows_per_image": 2},
     "autoencoder": {"batch_size": 2},
+    # Stable Diffusion v1.4's 860M-parameter UNet cannot take an AdamW step on this CPU (~14 GB
+    # of weights, gradients and moments): its stand-in with SD's classes and shapes but tiny
+    # widths ("tiny-random", adlab.diffusion.denoiser.tiny_stable_diffusion); DINO ViT-B/8 at
+    # 512 px and the rest are the paper's. Two DDIM steps instead of 25.
+    "ddim_recon": {"sd_model": "tiny-random", "batch_size": 1, "num_steps": 2},
+    "glad": {"sd_model": "tiny-random", "batch_size": 1, "num_steps": 2},
 }
 #: Image side where it is not the paper profile's (see the module docstring).
 SIZES = {"padim": 64}

@@ -20,6 +20,10 @@ TINY = {
     "differnet": {"steps": 3, "train_pool": 2, "n_transforms": 2},
     "intra": {"steps": 3, "image_size": 32},
     "autoencoder": {"steps": 3, "image_size": 32},
+    "ddim_recon": {"image_size": 16, "unet_channels": (8, 16), "train_steps": 2, "batch_size": 2,
+                   "feature_size": 32, "T": 200, "num_steps": 3},
+    "glad": {"image_size": 16, "unet_channels": (8, 16), "train_steps": 2, "batch_size": 2,
+             "feature_size": 32, "T": 200, "num_steps": 3, "min_step": 80, "delta": 0.05},
 }
 
 

@@ -36,7 +36,9 @@ The ablation switches, and what "off" means here:
 
 Cost, and how ADS stays cheap: the generation path's UNet call is reused (one eps_hat for
 both x0s; no extra UNet call); x0_gen is the x0 DDIM computes anyway; the check runs only on
-the images still being checked and stops for each at its adaptive step; it uses ``ads_layers``
+the images still being checked and stops for each at its adaptive step; at the first step
+x0_in = x0_gen exactly (we noise to the first visited step), so that check costs nothing
+(score 0); it uses ``ads_layers``
 only (the paper: DINO's last block), and both x0s go through the backbone as one batch. In
 latent mode each check also decodes both x0s with the VAE (as the paper): that is the cost
 the paper names as its limitation.
@@ -133,7 +135,11 @@ def glad_reconstruct(model: Callable, z: Tensor, eps: Tensor, ts: Sequence[int],
         row = torch.full((B,), math.nan)
         if bool(checking.any()):
             idx = checking.nonzero().flatten()
-            amap, score = compare(x0_in[idx], x0_gen[idx])
+            if i == 0:  # x_t is z noised to t with eps itself: x0_in = x0_gen, map and score 0
+                amap = x0_in.new_zeros((len(idx), *z.shape[-2:]))
+                score = torch.zeros(len(idx))
+            else:
+                amap, score = compare(x0_in[idx], x0_gen[idx])
             score = score.float().cpu()
             row[idx.cpu()] = score
             over = score > delta

@@ -89,6 +89,14 @@ class ReconstructionConfig:
     lr: float = field(default_factory=lambda: by_profile(quick=2e-3, paper=5e-6))
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
+    # Training noise levels t ~ U{0 .. train_t_max - 1}. Paper: all 1000 (main.py,
+    # train_one_epoch). Quick: only the levels inference visits (T <= 400), so the short training
+    # budget is spent where it is used (measured below, with T).
+    train_t_max: int = field(default_factory=lambda: by_profile(quick=500, paper=1000))
+    # Train on random square crops of this side (None: whole images). A UNet is convolutional,
+    # so crops train the same local denoiser at a fraction of the cost (quick; the paper trains
+    # on whole 512 px images).
+    train_crop: int | None = None
     # ATP training (GLAD Sec. 3.3); the plain baseline trains with DDPM's loss.
     atp: bool = False
     p_synthetic: float = 0.5                # dataset/dataset.py: half the samples synthetic
@@ -380,15 +388,24 @@ class DiffusionReconstruction:
                                    normal_fraction=1 - c.p_synthetic)
         alpha_bar = self.alpha_bar.to(self.device)
         use_atp = self._trains_with_atp()
+        t_max = min(int(c.train_t_max), alpha_bar.numel())
+        crop = c.train_crop if c.train_crop and c.train_crop < images.shape[-1] else None
 
         def loss_fn(batch: Tensor) -> Tensor:
+            # every random draw uses the global RNG, which the loop's checkpoint restores: a
+            # resumed run is exact
             batch = batch.to(self.device)
-            if use_atp:  # global RNG: the loop's checkpoint restores it, so a resume is exact
+            if crop is not None:
+                corners = torch.randint(0, batch.shape[-1] - crop + 1, (len(batch), 2))
+                batch = torch.stack([b[:, i:i + crop, j:j + crop]
+                                     for b, (i, j) in zip(batch, corners.tolist())])
+            t = torch.randint(0, t_max, (len(batch),), device=self.device)
+            if use_atp:
                 anomalous, _ = synth(batch)
                 z_norm = self.denoiser.encode(batch * 2 - 1)
                 z_anom = self.denoiser.encode(anomalous * 2 - 1)
-                return atp_loss(self.denoiser, z_norm, z_anom, alpha_bar)
-            return denoising_loss(self.denoiser, self.denoiser.encode(batch * 2 - 1), alpha_bar)
+                return atp_loss(self.denoiser, z_norm, z_anom, alpha_bar, t)
+            return denoising_loss(self.denoiser, self.denoiser.encode(batch * 2 - 1), alpha_bar, t)
 
         self.denoiser.train()
         return TrainingRun(loss_fn, RandomBatches(fit_images, c.batch_size, c.seed),
