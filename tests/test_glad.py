@@ -207,7 +207,7 @@ def test_min_step_takes_the_noised_input_prediction():
 
 TINY = dict(image_size=16, unet_channels=(8, 16), train_steps=2, batch_size=2, feature_size=32,
             layers=("layer1", "layer2"), T=200, num_steps=4, top_k=4, sigma=1.0, min_step=80,
-            delta=0.05, ads_top_k=4)
+            delta=0.05, ads_top_k=4, select_deltas=())
 
 
 def _images(n, seed=0, size=32):
@@ -243,6 +243,15 @@ def test_selection_uses_validation_images_and_applies_the_winner():
     assert (det.config.T, det.config.delta) == (result["T"], result["delta"]) == best[:2]
 
 
+def test_fit_selects_delta_on_validation_when_asked():
+    det = GLAD(**dict(TINY, select_deltas=(10.0, 0.01), select_Ts=(200, 120))).fit(
+        _images(10), progress=False)
+    table = det.selection["table"]
+    assert [(T, d) for T, d, _ in table] == [(200, 10.0), (200, 0.01), (120, 10.0), (120, 0.01)]
+    assert (det.config.T, det.config.delta) == (det.selection["T"], det.selection["delta"])
+    assert det.selection["auroc"] == max(a for _, _, a in table)
+
+
 # --------------------------------------------------------------------------- paper readiness
 
 def test_paper_profile_latent_glad_trains_and_predicts(monkeypatch):
@@ -264,3 +273,37 @@ def test_paper_profile_latent_glad_trains_and_predicts(monkeypatch):
     pred = det.predict(_images(1, 1, 64))
     assert pred.maps.shape == (1, 64, 64) and torch.isfinite(pred.scores).all()
     assert pred.extras["step"].item() in inference_timesteps(750, 3, 1).tolist()
+
+
+def test_atp_training_resumes_exactly(tmp_path):
+    # ATP draws synthetic anomalies, crops and noise from the global RNG, which the loop's
+    # checkpoint restores: a crashed run resumed from its checkpoint equals one whole run.
+    from adlab.train import train_detector
+
+    images = _images(6, 0, 32)
+    settings = dict(TINY, image_size=32, train_crop=16)
+
+    def detector_and_run():
+        det = GLAD(**settings)
+        return det, det.training_run(images, steps=6)
+
+    whole, run = detector_and_run()
+    train_detector(whole, run, progress=False)
+    det, run = detector_and_run()
+    calls, loss_fn = [0], run.loss_fn
+
+    def crashing(batch):
+        calls[0] += 1
+        if calls[0] > 5:
+            raise KeyboardInterrupt
+        return loss_fn(batch)
+
+    run.loss_fn = crashing
+    with pytest.raises(KeyboardInterrupt):
+        train_detector(det, run, progress=False, checkpoint=tmp_path / "c.pt", checkpoint_every=2)
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["step"] == 4
+    resumed, run = detector_and_run()
+    train_detector(resumed, run, progress=False, checkpoint=tmp_path / "c.pt")
+    assert resumed.history == whole.history
+    for (key, a), b in zip(resumed.denoiser.state_dict().items(), whole.denoiser.state_dict().values()):
+        assert a.equal(b), key
