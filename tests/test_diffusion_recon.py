@@ -44,7 +44,8 @@ def _diffusers_reconstruct(model, z, eps, T, N, offset, set_alpha_to_one):
                           set_alpha_to_one=set_alpha_to_one, steps_offset=offset)
     sched.register_to_config(num_train_timesteps=T)   # what hyao1/GLAD does; alphas stay 1000-step
     sched.alphas_cumprod = AB.clone()
-    sched.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64) if set_alpha_to_one else AB[0]
+    one = torch.tensor(1.0, dtype=torch.float64)
+    sched.final_alpha_cumprod = one if set_alpha_to_one else AB[0]
     sched.set_timesteps(N)
     x = sched.add_noise(z, eps, sched.timesteps[:1])
     for t in sched.timesteps:
@@ -92,7 +93,7 @@ def test_min_cosine_map_hand_example():
     f_in = torch.stack([e0, e1], 1).view(1, 3, 1, 2)
     f_rec = torch.stack([e1, e0], 1).view(1, 3, 1, 2)
     assert_close(min_cosine_map(f_in, f_rec, "min"), torch.zeros(1, 1, 2))      # found elsewhere
-    assert_close(min_cosine_map(f_in, f_rec, "aligned"), torch.ones(1, 1, 2))   # orthogonal in place
+    assert_close(min_cosine_map(f_in, f_rec, "aligned"), torch.ones(1, 1, 2))  # orthogonal
     f_in2 = torch.stack([e0, e2], 1).view(1, 3, 1, 2)                            # e2 exists nowhere
     assert_close(min_cosine_map(f_in2, f_rec, "min"), torch.tensor([[[0.0, 1.0]]]))
     f_half = torch.stack([e0 + e2, e1], 1).view(1, 3, 1, 2)                      # 45 degrees to e0

@@ -143,7 +143,7 @@ def test_each_image_stops_at_its_own_step():
     z = mu.expand(2, -1, -1, -1).clone()
     seen = []
 
-    def compare(x0_in, x0_gen):   # image 0 scores 1 from the second backbone check on, image 1 never
+    def compare(x0_in, x0_gen):   # image 0 scores 1 from the 2nd backbone check on, 1 never
         seen.append(len(x0_in))
         score = torch.zeros(len(x0_in))
         if len(seen) >= 2 and len(x0_in) == 2:
@@ -305,5 +305,6 @@ def test_atp_training_resumes_exactly(tmp_path):
     resumed, run = detector_and_run()
     train_detector(resumed, run, progress=False, checkpoint=tmp_path / "c.pt")
     assert resumed.history == whole.history
-    for (key, a), b in zip(resumed.denoiser.state_dict().items(), whole.denoiser.state_dict().values()):
-        assert a.equal(b), key
+    expected = whole.denoiser.state_dict()
+    for key, value in resumed.denoiser.state_dict().items():
+        assert value.equal(expected[key]), key

@@ -65,7 +65,8 @@ def pixel_unet(image_size: int, channels: Sequence[int] = (32, 64, 64), layers_p
 
 
 class PixelDenoiser(nn.Module):
-    """eps_theta on images in [-1, 1] (the quick profile's setting); encode / decode are identities."""
+    """eps_theta on images in [-1, 1] (the quick profile's setting); encode / decode are
+    identities."""
 
     latent = False
 
@@ -144,7 +145,8 @@ class LatentDenoiser(nn.Module):
         return self._unet(x_t, t, self.prompt_embeds)
 
     def guided(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """Classifier-free guidance: eps_u + s (eps_c - eps_u), one UNet call on the doubled batch."""
+        """Classifier-free guidance: eps_u + s (eps_c - eps_u), one UNet call on the doubled
+        batch."""
         s = self.guidance_scale
         if s == 1.0:
             return self(x_t, t)

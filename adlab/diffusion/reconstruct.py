@@ -247,7 +247,8 @@ def pixel_l1(x: Tensor, x_rec: Tensor) -> Tensor:
 
 
 def add_pixel_term(fmap: Tensor, l1: Tensor, v: float) -> Tensor:
-    """GLAD's final map (``main.py``, ``test``): ``map + v * max(map) / max(L1) * L1`` (per image)."""
+    """GLAD's final map (``main.py``, ``test``): ``map + v * max(map) / max(L1) * L1``, per
+    image."""
     if v == 0:
         return fmap
     ratio = fmap.flatten(1).amax(1) / l1.flatten(1).amax(1).clamp(min=1e-12)
