@@ -76,7 +76,39 @@ def parser() -> argparse.ArgumentParser:
                         "order); default 0, as bench")
     p.add_argument("--checkpoint-every", type=positive("steps"), default=500,
                    help="write the training checkpoint every N steps (default 500)")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one setting of the method's config, e.g. --set atp=False "
+                        "(repeatable; VALUE is a Python literal or a plain string)")
+    p.add_argument("--half", action="store_true",
+                   help="store the weights as float16: half the file (loading turns them back "
+                        "into float32); the notebooks' shipped checkpoints use it")
     return p
+
+
+def parse_settings(p: argparse.ArgumentParser, config, settings: list[str]) -> dict:
+    """``--set KEY=VALUE`` items as overrides of ``config``'s fields (argparse errors name the
+    mistake and the valid keys)."""
+    import ast
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(config)]
+    out = {}
+    for item in settings:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            p.error(f"--set {item!r}: write KEY=VALUE, e.g. --set seed=1")
+        if key not in names:
+            p.error(f"--set {key}: {type(config).__name__} has no such setting; its settings: "
+                    f"{', '.join(names)}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text                      # a plain string such as a backbone name
+        out[key] = value
+    if "seed" in out:
+        p.error("--set seed=...: use --seed, which also seeds the data order")
+    return out
 
 
 def _check(p: argparse.ArgumentParser, args) -> Path:
@@ -142,7 +174,8 @@ def main(argv=None) -> int:
         return 2
     cls = detector_class(args.method)
     seed_everything(args.seed)
-    detector = cls()
+    overrides = parse_settings(p, cls().config, args.settings)
+    detector = cls(**overrides)
     if hasattr(detector.config, "seed"):
         detector.config.seed = args.seed
     trained = hasattr(detector, "training_run")
@@ -169,7 +202,7 @@ def main(argv=None) -> int:
             "with --resume" if trained else "interrupted: nothing was saved")
         return 130
     if main_process:
-        save_detector(detector, out, method=args.method, category=args.category,
+        save_detector(detector, out, method=args.method, half=args.half, category=args.category,
                       image_size=int(data.images.shape[-1]), profile=prof.name,
                       steps=len(getattr(detector, "history", []) or []))
         root = f" --root {args.root}" if args.root else ""

@@ -133,20 +133,36 @@ def config_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
-def save_detector(detector, path, method: str, **info) -> None:
+def _cast_floats(tree, dtype):
+    """``tree`` (nested dicts / lists / tuples) with every float32 / float16 tensor cast to
+    ``dtype``; other values unchanged."""
+    if isinstance(tree, torch.Tensor):
+        return tree.to(dtype) if tree.dtype in (torch.float32, torch.float16) else tree
+    if isinstance(tree, dict):
+        return type(tree)((k, _cast_floats(v, dtype)) for k, v in tree.items())
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_cast_floats(v, dtype) for v in tree)
+    return tree
+
+
+def save_detector(detector, path, method: str, half: bool = False, **info) -> None:
     """Write a fitted detector to ``path`` atomically: its method name, config and fitted state.
 
     ``info`` adds facts for whoever evaluates it (``python -m adlab train`` stores the
-    category and the image size, which ``bench --checkpoint`` reads). Load with
-    :func:`load_detector`.
+    category and the image size, which ``bench --checkpoint`` reads). ``half`` stores the
+    float32 tensors as float16 (half the file; the notebooks' shipped checkpoints), and
+    :func:`read_detector_file` turns them back into float32. Load with :func:`load_detector`.
     """
     from adlab.train import save_checkpoint
 
     if not hasattr(detector, "state_dict"):
         raise TypeError(f"{type(detector).__name__} has no state_dict(); it cannot be saved.")
+    state = detector.state_dict()
+    if half:
+        state = _cast_floats(state, torch.float16)
     save_checkpoint(path, {"format": DETECTOR_FORMAT, "method": method,
                            "config": config_dict(detector.config), "info": dict(info),
-                           "state": detector.state_dict()})
+                           "stored_as": "float16" if half else "float32", "state": state})
 
 
 def read_detector_file(path, method: str | None = None) -> dict:
@@ -170,6 +186,8 @@ def read_detector_file(path, method: str | None = None) -> dict:
                                 "`python -m adlab train`.")
     if method is not None and saved["method"] != method:
         raise DetectorFileError(f"{path} holds a {saved['method']} detector, not {method}.")
+    if saved.get("stored_as") == "float16":
+        saved["state"] = _cast_floats(saved["state"], torch.float32)
     return saved
 
 

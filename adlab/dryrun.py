@@ -18,7 +18,8 @@ same layers and parameters, because the paper size costs minutes on a CPU: Pyram
 flow works on a 16 x 16 map instead of 256 x 256 (``flow_size``; one step at the paper's
 1024 px input is ~3e12 multiply-adds), and PaDiM sees 64 px images (:data:`SIZES`): a
 16 x 16 grid of Gaussians of the paper's d = 550 dimensions instead of 64 x 64 (4096
-inverses of 550 x 550 matrices: ~200 s and ~7 GB on one CPU thread). Peak memory is
+inverses of 550 x 550 matrices: ~200 s and ~7 GB on one CPU thread); the diffusion
+detectors' DINO ViT-B/8 sees 224 px instead of 512. Peak memory is
 ``torch.cuda.max_memory_allocated`` on a GPU (per method); on CPU it is the process's peak
 resident memory so far (``resource.getrusage``), which only grows from method to method.
 """
@@ -49,9 +50,12 @@ TINY = {
     # Stable Diffusion v1.4's 860M-parameter UNet cannot take an AdamW step on this CPU (~14 GB
     # of weights, gradients and moments): its stand-in with SD's classes and shapes but tiny
     # widths ("tiny-random", adlab.diffusion.denoiser.tiny_stable_diffusion); DINO ViT-B/8 at
-    # 512 px and the rest are the paper's. Two DDIM steps instead of 25.
-    "ddim_recon": {"sd_model": "tiny-random", "batch_size": 1, "num_steps": 2},
-    "glad": {"sd_model": "tiny-random", "batch_size": 1, "num_steps": 2},
+    # 512 px images and the rest are the paper's. Two DDIM steps instead of 25. DINO ViT-B/8
+    # (the same blocks and weights) sees 224 px instead of 512 (784 patch tokens instead of
+    # 4096): at 512 each of its passes costs ~30 s on one CPU thread, and GLAD's dry run makes 4.
+    "ddim_recon": {"sd_model": "tiny-random", "batch_size": 1, "num_steps": 2,
+                   "feature_size": 224},
+    "glad": {"sd_model": "tiny-random", "batch_size": 1, "num_steps": 2, "feature_size": 224},
 }
 #: Image side where it is not the paper profile's (see the module docstring).
 SIZES = {"padim": 64}

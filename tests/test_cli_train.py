@@ -66,6 +66,10 @@ def test_resume_continues_to_more_steps_like_one_run(root, tmp_path, capsys):
     (["train", "cflow", "--out", "x.pt"], "--category"),
     (["train", "cflow", "--category", "weave", "--out", "x.pt", "--resume"], "nothing|no training checkpoint"),
     (["bench", "--checkpoint", "x.pt", "--methods", "naive"], "drop --methods"),
+    (["train", "glad", "--category", "weave", "--out", "x.pt", "--set", "atq=False"],
+     "GLADConfig has no such setting"),
+    (["train", "glad", "--category", "weave", "--out", "x.pt", "--set", "atp"], "write KEY=VALUE"),
+    (["train", "glad", "--category", "weave", "--out", "x.pt", "--set", "seed=3"], "use --seed"),
 ])
 def test_argument_mistakes_are_one_line_exit_2(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -132,3 +136,30 @@ def test_a_crashed_run_resumes_exactly(name, crash_after, saved, tmp_path):
     module = "decoders" if name == "cflow" else "model"
     for (key, x), y in zip(a[module].items(), b[module].values()):
         assert x.equal(y), key
+
+
+def test_set_changes_the_config_and_half_stores_float16(root, tmp_path, capsys):
+    """--set KEY=VALUE reaches the saved config (Python literals and plain strings); --half
+    writes float16 tensors, which load back as float32 and predict within float16 rounding of
+    the float32 file's scores."""
+    import torch
+
+    from adlab.data.mvtec import load_dataset
+    from adlab.detector import load_detector
+
+    args = ["train", "padim", "--root", str(root), "--category", "weave"]
+    assert _run(capsys, *args, "--out", str(tmp_path / "full.pt"))[0] == 0
+    assert _run(capsys, *args, "--out", str(tmp_path / "half.pt"), "--half",
+                "--set", "d=20", "--set", "backbone=resnet18")[0] == 0
+    assert _run(capsys, *args, "--out", str(tmp_path / "half20.pt"), "--set", "d=20",
+                "--set", "backbone=resnet18")[0] == 0
+    disk = torch.load(tmp_path / "half.pt", weights_only=True)
+    assert disk["stored_as"] == "float16" and disk["config"]["d"] == 20
+    floats = [v for v in disk["state"].values() if torch.is_tensor(v) and v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float16 for v in floats)
+    half, full = load_detector(tmp_path / "half.pt"), load_detector(tmp_path / "half20.pt")
+    assert half.config == full.config and half.config.backbone == "resnet18"
+    images = load_dataset("weave", "test", root=root).images
+    a, b = half.predict(images), full.predict(images)
+    assert a.scores.dtype == torch.float32
+    torch.testing.assert_close(a.scores, b.scores, rtol=2e-2, atol=1e-3)

@@ -16,8 +16,8 @@ from diffusers import DDIMScheduler  # noqa: E402
 
 from adlab.diffusion.ddim import GaussianMixtureEps, q_sample  # noqa: E402
 from adlab.diffusion.denoiser import atp_loss, atp_mix, atp_target  # noqa: E402
-from adlab.diffusion.glad import (GLAD, glad_reconstruct, select_on_validation,  # noqa: E402
-                                  validation_set)
+from adlab.diffusion.glad import (GLAD, adaptive_steps, glad_reconstruct,  # noqa: E402
+                                  select_on_validation, validation_set)
 from adlab.diffusion.reconstruct import ddim_reconstruct, inference_timesteps  # noqa: E402
 from adlab.diffusion.schedules import Schedule  # noqa: E402
 
@@ -231,6 +231,24 @@ def test_detector_records_the_adaptive_step_per_image():
     assert info["trace"].shape == (3, len(steps)) and info["x_rec"].shape == (3, 3, 16, 16)
 
 
+def test_adaptive_steps_read_off_one_trace_equal_the_detector_at_each_delta():
+    det = GLAD(**{**TINY, "min_step": 0}).fit(_images(8), progress=False)
+    images = _images(4, 3)
+    det.config.delta = math.inf
+    info = det.trace(images)
+    finite = info["trace"][torch.isfinite(info["trace"])]
+    deltas = [float(finite.quantile(q)) for q in (0.2, 0.5, 0.8)] + [math.inf, -1.0]
+    seen_fused = set()
+    for delta in deltas:
+        step, fused = adaptive_steps(info["trace"], info["timesteps"], delta, det.config.min_step)
+        det.config.delta = delta
+        pred = det.predict(images)
+        assert step.tolist() == pred.extras["step"].tolist(), delta
+        assert fused.tolist() == pred.extras["fused"].tolist(), delta
+        seen_fused.add(int(fused.sum()))
+    assert len(seen_fused) > 2          # the deltas cover different outcomes
+
+
 def test_selection_uses_validation_images_and_applies_the_winner():
     det = GLAD(**TINY).fit(_images(8), progress=False)
     val = _images(3, 2)
@@ -308,3 +326,55 @@ def test_atp_training_resumes_exactly(tmp_path):
     expected = whole.denoiser.state_dict()
     for key, value in resumed.denoiser.state_dict().items():
         assert value.equal(expected[key]), key
+
+
+# --------------------------------------------------------------------------- shipped checkpoints
+
+SHIPPED = [(f"glad_stone_seed{s}.pt", True, s) for s in (0, 1, 2)] + \
+          [(f"glad_plain_stone_seed{s}.pt", False, s) for s in (0, 1, 2)]
+
+
+@pytest.mark.parametrize("name,atp,seed", SHIPPED)
+def test_shipped_denoisers_are_todays_quick_defaults(name, atp, seed, monkeypatch):
+    """Notebooks 41, 42 and 42b load these files: each must be what `python -m adlab train glad
+    --category stone --seed S --half [--set atp=False]` writes today (a default changed since
+    they were trained fails here; delta and T are the ones its validation chose), float16 on
+    disk, all six under the issue's 20 MB."""
+    from adlab.detector import config_dict, load_detector, read_detector_file
+    from adlab.diffusion.reconstruct import CHECKPOINTS
+
+    monkeypatch.delenv("ADLAB_PROFILE", raising=False)
+    assert sum((CHECKPOINTS / n).stat().st_size for n, _, _ in SHIPPED) < 20e6
+    path = CHECKPOINTS / name
+    assert torch.load(path, weights_only=True)["stored_as"] == "float16"
+    det = load_detector(path, "glad")
+    today = config_dict(GLAD(seed=seed, atp=atp).config)
+    stored = config_dict(det.config)
+    chosen = {k: stored.pop(k) for k in ("delta", "T")}
+    assert chosen["delta"] in today["select_deltas"]
+    assert stored == {k: v for k, v in today.items() if k not in chosen}
+    assert det.info["category"] == "stone" and det.info["steps"] == det.config.train_steps
+    assert next(det.denoiser.parameters()).dtype == torch.float32
+    assert read_detector_file(path)["state"]["weights"]["unet.conv_in.weight"].dtype == torch.float32
+
+
+def test_the_train_command_reproduces_a_shipped_denoisers_quality(tmp_path, monkeypatch):
+    """The issue's rule for shipped checkpoints: the repository's command trains a detector of
+    the same quality (stone test set, image and pixel AUROC within 0.03)."""
+    from adlab.cli_train import main
+    from adlab.data.mvtec import load_dataset
+    from adlab.detector import load_detector
+    from adlab.diffusion.reconstruct import CHECKPOINTS
+    from adlab.metrics import image_auroc, pixel_auroc
+
+    monkeypatch.delenv("ADLAB_PROFILE", raising=False)
+    out = tmp_path / "glad.pt"
+    assert main(["glad", "--category", "stone", "--seed", "0", "--half", "--out", str(out)]) == 0
+    test = load_dataset("stone", "test")
+    scores = []
+    for path in (CHECKPOINTS / "glad_stone_seed0.pt", out):
+        pred = load_detector(path, "glad").predict(test.images)
+        scores.append((image_auroc(test.labels, pred.scores), pixel_auroc(test.masks, pred.maps)))
+    (img_a, px_a), (img_b, px_b) = scores
+    assert abs(img_a - img_b) < 0.03 and abs(px_a - px_b) < 0.03, scores
+    assert img_b > 0.8
