@@ -224,6 +224,48 @@ class FeatureDetector:
 
 # --------------------------------------------------------------------------- helpers
 
+class ViTFeatures(nn.Module):
+    """Patch tokens of timm vision-transformer blocks ``blocks`` (0-based) as ``[B, C, h, w]``
+    maps, with (``norm=True``) or without the model's final LayerNorm; class / distillation
+    tokens dropped (timm's ``forward_intermediates``). Inputs in [0, 1], ImageNet-normalised
+    here. Frozen. Pretrained weights when asked and available, else a seeded random init with a
+    :class:`PretrainedWeightsWarning` that says how to get them."""
+
+    def __init__(self, backbone: str, blocks: Sequence[int], image_size: int, pretrained: bool,
+                 seed: int = 0, norm: bool = False):
+        super().__init__()
+        timm = _timm()
+        arch = backbone.split(".")[0]
+        self.blocks, self.norm, self.weights_loaded = [int(b) for b in blocks], bool(norm), False
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if pretrained:
+                try:
+                    self.model = timm.create_model(backbone, pretrained=True, img_size=image_size)
+                    self.weights_loaded = True
+                except Exception as exc:  # offline or no such weights: seeded random init
+                    warnings.warn(_offline_message(backbone, arch, exc), PretrainedWeightsWarning,
+                                  stacklevel=3)
+                    torch.manual_seed(seed)
+            if not self.weights_loaded:
+                self.model = timm.create_model(arch, pretrained=False, img_size=image_size)
+        depth = len(self.model.blocks)
+        if not all(0 <= b < depth for b in self.blocks):
+            raise ValueError(f"{backbone} has blocks 0..{depth - 1}; got {self.blocks}.")
+        self.model.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "ViTFeatures":
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        from adlab.data.mvtec import normalize
+
+        x = normalize(images.to(next(self.model.parameters())))
+        return self.model.forward_intermediates(x, indices=self.blocks, norm=self.norm,
+                                                output_fmt="NCHW", intermediates_only=True)
+
+
 def images_of(data) -> torch.Tensor:
     """The ``[N, 3, H, W]`` image tensor of an ADDataset (``.images``) or of a tensor itself."""
     images = data.images if hasattr(data, "images") else data

@@ -53,7 +53,7 @@ from adlab.detector import Prediction, make_config
 from adlab.diffusion.ddim import _alpha_bar_at, ddim_update, predict_x0, q_sample, timesteps
 from adlab.diffusion.denoiser import SD_MODEL
 from adlab.diffusion.schedules import Schedule
-from adlab.features import gaussian_blur, images_of, topk_mean
+from adlab.features import ViTFeatures, gaussian_blur, images_of, topk_mean
 
 __all__ = ["ReconstructionConfig", "DiffusionReconstruction", "ViTFeatures", "build_extractor",
            "min_cosine_map", "feature_distance_map", "pixel_l1", "ssim_map", "add_pixel_term",
@@ -170,49 +170,6 @@ class ReconstructionConfig:
 
 # --------------------------------------------------------------------------- features
 
-class ViTFeatures(nn.Module):
-    """Patch tokens of timm ViT blocks ``blocks`` (0-based), before the final norm, as NCHW maps.
-
-    GLAD's map uses DINO ViT-B/8 blocks 3, 6, 9, 12 (1-based), the outputs of the blocks
-    without the model's last LayerNorm (hyao1/GLAD ``main.py``, ``test``). Inputs in [0, 1],
-    ImageNet-normalised here. Frozen."""
-
-    def __init__(self, backbone: str, blocks: Sequence[int], image_size: int, pretrained: bool,
-                 seed: int = 0):
-        super().__init__()
-        import timm
-        import warnings
-
-        from adlab.features import PretrainedWeightsWarning, _offline_message
-
-        arch = backbone.split(".")[0]
-        self.blocks, self.weights_loaded = [int(b) for b in blocks], False
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            if pretrained:
-                try:
-                    self.model = timm.create_model(backbone, pretrained=True, img_size=image_size)
-                    self.weights_loaded = True
-                except Exception as exc:  # offline: seeded random init
-                    warnings.warn(_offline_message(backbone, arch, exc), PretrainedWeightsWarning,
-                                  stacklevel=3)
-                    torch.manual_seed(seed)
-            if not self.weights_loaded:
-                self.model = timm.create_model(arch, pretrained=False, img_size=image_size)
-        self.model.eval().requires_grad_(False)
-
-    def train(self, mode: bool = True) -> "ViTFeatures":
-        return super().train(False)
-
-    @torch.no_grad()
-    def forward(self, images: Tensor) -> list[Tensor]:
-        from adlab.data.mvtec import normalize
-
-        x = normalize(images.to(next(self.model.parameters())))
-        return self.model.forward_intermediates(x, indices=self.blocks, norm=False,
-                                                output_fmt="NCHW", intermediates_only=True)
-
-
 def is_vit(backbone: str) -> bool:
     return backbone.split(".")[0].startswith(("vit_", "deit"))
 
@@ -222,7 +179,9 @@ def build_extractor(backbone: str, layers, feature_size: int, pretrained: bool, 
     from adlab.features import FeatureExtractor
 
     if is_vit(backbone):
-        return ViTFeatures(backbone, layers, feature_size, pretrained, seed)
+        # GLAD: DINO ViT-B/8 blocks 3, 6, 9, 12 (1-based) without the model's last LayerNorm
+        # (hyao1/GLAD main.py, test)
+        return ViTFeatures(backbone, layers, feature_size, pretrained, seed, norm=False)
     return FeatureExtractor(backbone, layers, pretrained, seed=seed)
 
 

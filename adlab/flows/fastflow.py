@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from adlab.config import by_profile
 from adlab.detector import Prediction, get_state, make_config, set_state
-from adlab.features import FeatureExtractor, PretrainedWeightsWarning, images_of, topk_mean
+from adlab.features import FeatureExtractor, ViTFeatures, images_of, topk_mean
 from adlab.flows.allinone import AllInOneBlock
 from adlab.flows.core import SequentialFlow
 from adlab.flows.coupling import conv_subnet
@@ -119,52 +119,20 @@ class FastFlowConfig:
 
 # --------------------------------------------------------------------------- features
 
-class TransformerFeatures(nn.Module):
+class TransformerFeatures(ViTFeatures):
     """One feature map of a timm vision transformer: the tokens after ``block``, final norm applied.
 
     As the reference code (``fastflow.py:95-130``): patch embedding, position embedding,
     blocks ``0..block``, the model's final ``norm``, the class / distillation tokens dropped,
     tokens reshaped to ``[B, C, H/16, W/16]`` (timm's ``forward_intermediates`` with
-    ``norm=True`` does exactly these steps). Frozen, ImageNet normalisation inside.
+    ``norm=True`` does exactly these steps; :class:`adlab.features.ViTFeatures`). Frozen,
+    ImageNet normalisation inside.
     """
 
     def __init__(self, backbone: str, block: int, image_size: int, pretrained: bool,
                  seed: int = 0):
-        super().__init__()
-        import timm
-        import warnings
-
-        from adlab.features import _offline_message
-
-        arch = backbone.split(".")[0]
-        self.block, self.weights_loaded = block, False
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            if pretrained:
-                try:
-                    self.model = timm.create_model(backbone, pretrained=True, img_size=image_size)
-                    self.weights_loaded = True
-                except Exception as exc:  # offline or no such weights: seeded random init
-                    warnings.warn(_offline_message(backbone, arch, exc), PretrainedWeightsWarning,
-                                  stacklevel=3)
-                    torch.manual_seed(seed)
-            if not self.weights_loaded:
-                self.model = timm.create_model(arch, pretrained=False, img_size=image_size)
-        depth = len(self.model.blocks)
-        if not 0 <= block < depth:
-            raise ValueError(f"{backbone} has blocks 0..{depth - 1}; got block={block}.")
-        self.model.eval().requires_grad_(False)
-
-    def train(self, mode: bool = True) -> "TransformerFeatures":
-        return super().train(False)
-
-    @torch.no_grad()
-    def forward(self, images: Tensor) -> list[Tensor]:
-        from adlab.data.mvtec import normalize
-
-        x = normalize(images.to(next(self.model.parameters())))
-        return self.model.forward_intermediates(x, indices=[self.block], norm=True,
-                                                output_fmt="NCHW", intermediates_only=True)
+        super().__init__(backbone, [block], image_size, pretrained, seed, norm=True)
+        self.block = block
 
 
 # --------------------------------------------------------------------------- the 2-D flow
