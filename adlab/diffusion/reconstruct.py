@@ -278,8 +278,8 @@ class DiffusionReconstruction:
     """Fixed-step reconstruction detector: ``fit(train)`` trains the denoiser (shared loop),
     ``predict(images)`` noises to T, denoises with DDIM and compares (module docstring).
 
-    After ``predict``, :attr:`last` holds the model-space inputs and reconstructions of the
-    last batch (for notebooks)."""
+    ``reconstruction(images)`` and ``score(x, x_rec, size)`` are predict's two halves, for
+    notebooks that compare several maps on one reconstruction."""
 
     Config = ReconstructionConfig
     method = "ddim_recon"
@@ -297,7 +297,6 @@ class DiffusionReconstruction:
         self.denoiser = None
         self.extractor = None
         self.history: list[float] = []
-        self.last: dict = {}
         sched = {"linear": Schedule.linear, "scaled_linear": Schedule.scaled_linear}
         if c.schedule not in sched:
             raise ValueError(f"schedule must be 'linear' or 'scaled_linear'; got {c.schedule!r}.")
@@ -523,8 +522,6 @@ class DiffusionReconstruction:
         z = self.denoiser.encode(x, g)
         z_rec, extras = self.reconstruct(z, self.noise(z.shape))
         x_rec = self.denoiser.decode(z_rec)
-        x_in = self.denoiser.decode(z) if self.denoiser.latent else x
-        self.last = {"x": x.cpu(), "x_in": x_in.cpu(), "x_rec": x_rec.cpu()}
         return x, x_rec, extras
 
     @torch.no_grad()
@@ -536,5 +533,4 @@ class DiffusionReconstruction:
         scores = topk_mean(smooth, c.top_k)
         maps = F.interpolate(smooth.unsqueeze(1), size=tuple(size), mode="bilinear",
                              align_corners=False)[:, 0]
-        self.last["map"] = smooth.cpu()
         return scores, maps
