@@ -44,6 +44,7 @@ METHODS = {
     "autoencoder": "adlab.inpaint.autoencoder:ConvAutoencoder",   # InTra's baseline
     "ddim_recon": "adlab.diffusion.reconstruct:DiffusionReconstruction",
     "glad": "adlab.diffusion.glad:GLAD",
+    "tdad": "adlab.diffusion.tdad:TDAD",
 }
 METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max",
            "aupro")

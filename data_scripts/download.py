@@ -5,10 +5,14 @@
     python data_scripts/download.py mvtec_ad --root ~/data
     python data_scripts/download.py visa --root ~/data --url https://mirror.example/VisA.tar
     python data_scripts/download.py mpdd --root ~/data --no-verify     # no published checksum
+    python data_scripts/download.py dtd --root ~/data     # textures for anomaly synthesis
 
 The dataset ends up in <root>/<name>; point the paper profile at it with
-``export ADLAB_DATA=<root>/<name>``. Offline, the command fails within --timeout seconds and
-prints where to put an archive downloaded by hand; running it again verifies and uses it.
+``export ADLAB_DATA=<root>/<name>``. DTD is not an anomaly dataset but the texture images
+that DRAEM / GLAD / TDAD paste into normal images: it ends up in <root>/dtd/<class>/*.jpg,
+read by ``adlab.data.textures.texture_bank(size, source="dtd", root=<root>)``.
+Offline, the command fails within --timeout seconds and prints where to put an archive
+downloaded by hand; running it again verifies and uses it.
 """
 from __future__ import annotations
 
@@ -71,7 +75,8 @@ def root_folder(text: str) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Download a real dataset, check its sha256, extract it safely and "
-                    "arrange it in the MVTec AD folder layout.",
+                    "arrange it in the MVTec AD folder layout (dtd: one folder per texture "
+                    "class, for anomaly synthesis).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", nargs="?", type=dataset_name,
                         help=f"dataset: {', '.join(dl.CATALOGUE)}")

@@ -16,6 +16,20 @@ def live_output(monkeypatch):
     monkeypatch.delenv("ADLAB_STATIC_OUTPUT", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Every test runs on one torch thread (restored after). The test command runs one
+    pytest-xdist worker per core; with torch's default of one thread per core in each worker,
+    the 2-core CI machine is oversubscribed and small kernels (a small UNet's) ran ~10x slower
+    (the GLAD reproduction test: 911 s instead of ~70 s)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _load_script(name: str):
     """``data_scripts/<name>.py`` imported as a module (its ``main(argv)`` is the CLI)."""
     spec = importlib.util.spec_from_file_location(f"adlab_script_{name}",

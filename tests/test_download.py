@@ -23,8 +23,9 @@ import pytest
 from PIL import Image
 
 from adlab.data import download as dl
-from adlab.data.convert import convert_as_is
-from adlab.data.mvtec import load_dataset
+from adlab.data.convert import check_layout, convert_as_is
+from adlab.data.mvtec import DatasetError, list_categories, load_dataset
+from adlab.data.textures import texture_bank
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -165,9 +166,10 @@ MVTEC_FILES = {
 
 # ----------------------------------------------------------------------------- catalogue
 def test_catalogue_entries_are_complete():
-    assert set(dl.CATALOGUE) == {"mvtec_ad", "visa", "mpdd", "btad"}
+    assert set(dl.CATALOGUE) == {"mvtec_ad", "visa", "mpdd", "btad", "dtd"}
     for key, entry in dl.CATALOGUE.items():
         assert entry.name == key and entry.title and entry.licence and entry.layout
+        assert entry.kind == ("textures" if key == "dtd" else "anomaly")
         assert entry.categories and callable(entry.converter)
         if entry.sha256 is None:
             assert "none" in entry.sha256_source.lower()
@@ -181,6 +183,21 @@ def test_catalogue_entries_are_complete():
     assert dl.resolve_name("MVTec") == "mvtec_ad"
     with pytest.raises(dl.DownloadError, match="Known: mvtec_ad"):
         dl.resolve_name("imagenet")
+
+
+def test_dtd_entry():
+    entry = dl.CATALOGUE["dtd"]
+    assert entry.urls == ("https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz",)
+    assert entry.sha256 == "e42855a52a4950a3b59612834602aa253914755c95b0cff9ead6d07395f8e205"
+    assert "anomalib" in entry.sha256_source
+    assert entry.homepage == "https://www.robots.ox.ac.uk/~vgg/data/dtd/"
+    assert len(entry.categories) == len(set(entry.categories)) == 47
+    assert {"banded", "waffled", "zigzagged", "polka-dotted"} <= set(entry.categories)
+    # the bomb limit (SIZE_FACTOR x size_bytes) leaves room for the ~0.64 GB of JPEGs
+    assert dl.SIZE_FACTOR * entry.size_bytes > 2 * 640_000_000
+    assert "textures for anomaly synthesis" in dl.describe(entry)
+    with pytest.raises(ValueError, match="kind must be one of anomaly, textures"):
+        dataclasses.replace(entry, kind="videos")
 
 
 # ----------------------------------------------------------------------------- full path
@@ -487,6 +504,98 @@ def test_unpacked_size_is_bounded_by_the_catalogue_size(tmp_path, monkeypatch):
     assert tree(dl.download("mvtec_ad", tmp_path)) == files
 
 
+# ----------------------------------------------------------------------------- DTD (textures)
+DTD_IMAGES = {
+    "banded/banded_0002.jpg": image_bytes(30, "JPEG"),
+    "banded/banded_0004.jpg": image_bytes(31, "JPEG"),
+    "polka-dotted/polka-dotted_0121.jpg": image_bytes(32, "JPEG"),
+    "zigzagged/zigzagged_0003.jpg": image_bytes(33, "JPEG"),
+}
+DTD_ARCHIVE = {                                   # the layout of dtd-r1.0.1.tar.gz, in small
+    **{f"dtd/images/{k}": v for k, v in DTD_IMAGES.items()},
+    "dtd/labels/labels_joint_anno.txt": b"banded/banded_0002.jpg banded\n",
+    "dtd/labels/train1.txt": b"banded/banded_0002.jpg\n",
+    "dtd/imdb/imdb.mat": b"MATLAB 5.0 MAT-file stand-in",
+}
+
+
+def test_dtd_tar_gz_download_verify_extract_convert(server, tmp_path, capsys):
+    body = make_tar(DTD_ARCHIVE, "w:gz")
+    url = server.add("/dtd-r1.0.1.tar.gz", body)
+    out = dl.download("dtd", tmp_path, url_override=url, sha256=sha(body))
+    assert out == tmp_path / "dtd"
+    assert tree(out) == DTD_IMAGES                       # classes only; labels/ imdb/ dropped
+    assert (tmp_path / "dtd-r1.0.1.tar.gz").read_bytes() == body
+    assert not list(tmp_path.glob("*.part")) and not list(tmp_path.glob(".dtd.extract-*"))
+    printed = capsys.readouterr().out
+    assert "3 texture classes" in printed and "source='dtd'" in printed
+    assert "ADLAB_DATA" not in printed                   # not an anomaly dataset to point at
+    assert check_layout(out, kind="textures") == ["banded", "polka-dotted", "zigzagged"]
+    # What the texture reader gets from it; the anomaly loader does not take it for a dataset.
+    assert texture_bank(8, source="dtd", root=tmp_path).shape == (4, 3, 8, 8)
+    with pytest.raises(DatasetError, match="No categories"):
+        list_categories(out)
+    with pytest.raises(DatasetError, match="train/good"):
+        load_dataset("banded", "train", root=out)
+    # A second run finds the textures in place and contacts nobody.
+    assert dl.download("dtd", tmp_path, url_override=url, sha256=sha(body)) == out
+    assert server.hits["/dtd-r1.0.1.tar.gz"] == 1
+
+
+@pytest.mark.parametrize("files, complaint", [
+    ({**DTD_ARCHIVE, "dtd/images/woven/README.txt": b"no images here"},
+     "texture class 'woven' .* holds no images"),
+    ({"dtd/labels/train1.txt": b"banded/banded_0002.jpg\n",
+      "dtd/banded/banded_0002.jpg": image_bytes(1, "JPEG")},
+     "does not look like DTD"),
+])
+def test_dtd_wrong_layout_is_refused(server, tmp_path, files, complaint):
+    body = make_tar(files)
+    with pytest.raises(dl.LayoutError, match=complaint):
+        dl.download("dtd", tmp_path, url_override=server.add("/dtd.tar.gz", body),
+                    sha256=sha(body))
+    assert not (tmp_path / "dtd").exists() and not list(tmp_path.glob(".dtd.extract-*"))
+
+
+def test_textures_layout_check_and_anomaly_check_differ(tmp_path):
+    (tmp_path / "banded").mkdir()
+    (tmp_path / "banded" / "banded_0002.jpg").write_bytes(image_bytes(1, "JPEG"))
+    assert check_layout(tmp_path, ("banded",), kind="textures") == ["banded"]
+    with pytest.raises(dl.LayoutError, match="train/good"):          # not an MVTec category
+        check_layout(tmp_path)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        check_layout(tmp_path, kind="video")
+
+
+def test_dtd_offline_fails_fast_with_manual_instructions(tmp_path, monkeypatch):
+    """With the catalogue's own URL and no DNS (this machine): the message says what to do."""
+    def no_dns(address, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", no_dns)
+    entry = dl.CATALOGUE["dtd"]
+    start = time.monotonic()
+    with pytest.raises(dl.DownloadError, match="could not be resolved") as info:
+        dl.download("dtd", tmp_path)
+    assert time.monotonic() - start < 5
+    message = str(info.value)
+    assert "manually" in message and entry.urls[0] in message and entry.homepage in message
+    assert str(tmp_path / "dtd-r1.0.1.tar.gz") in message and "run the same command" in message
+    assert not (tmp_path / "dtd").exists() and not list(tmp_path.glob("*.part"))
+
+
+def test_dtd_offline_then_manual_archive(tmp_path, monkeypatch):
+    """A refused connection names the URL; an archive put where it says is then used."""
+    url = dead_url("dtd-r1.0.1.tar.gz")
+    body = make_tar(DTD_ARCHIVE)
+    patch_entry(monkeypatch, "dtd", urls=(url,), sha256=sha(body))
+    with pytest.raises(dl.DownloadError) as info:
+        dl.download("dtd", tmp_path)
+    assert url in str(info.value) and "refused" in str(info.value)
+    (tmp_path / "dtd-r1.0.1.tar.gz").write_bytes(body)
+    assert tree(dl.download("dtd", tmp_path)) == DTD_IMAGES
+
+
 # ----------------------------------------------------------------------------- command line
 # the `cli` fixture (data_scripts/download.py as a module) is in tests/conftest.py
 
@@ -495,6 +604,7 @@ def test_cli_exit_codes(cli, server, tmp_path, monkeypatch, capsys):
     assert cli.main(["--list"]) == 0
     listed = capsys.readouterr().out
     assert all(name in listed for name in dl.CATALOGUE)
+    assert "dtd: DTD, Describable Textures Dataset" in listed and "polka-dotted" in listed
     assert cli.main(["imagenet", "--root", str(tmp_path)]) == cli.EXIT_USAGE
     assert cli.main(["btad"]) == cli.EXIT_USAGE                      # --root missing
     url = dead_url("btad.zip")

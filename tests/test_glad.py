@@ -358,19 +358,7 @@ def test_shipped_denoisers_are_todays_quick_defaults(name, atp, seed, monkeypatc
     assert read_detector_file(path)["state"]["weights"]["unet.conv_in.weight"].dtype == torch.float32
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread for the test (restored after). Two xdist workers with two threads each
-    oversubscribe the 2-core CI machine, and a small UNet's many small kernels then run ~10x
-    slower (this test: 911 s instead of ~70 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_the_train_command_reproduces_a_shipped_denoisers_quality(tmp_path, monkeypatch,
-                                                                   one_thread):
+def test_the_train_command_reproduces_a_shipped_denoisers_quality(tmp_path, monkeypatch):
     """The issue's rule for shipped checkpoints: the repository's command trains a detector of
     the same quality (stone test set, image and pixel AUROC within 0.03)."""
     from adlab.cli_train import main

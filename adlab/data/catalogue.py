@@ -1,8 +1,17 @@
 """The catalogue of real datasets: where each archive is, its checksum, how it is laid out.
 
-:data:`CATALOGUE` maps a name (``mvtec_ad``, ``visa``, ``mpdd``, ``btad``) to a
+:data:`CATALOGUE` maps a name (``mvtec_ad``, ``visa``, ``mpdd``, ``btad``, ``dtd``) to a
 :class:`DatasetEntry`; :func:`adlab.data.download.download` fetches, verifies, extracts and
 converts one. ``python data_scripts/download.py --list`` prints it.
+
+Two kinds of entry (:attr:`DatasetEntry.kind`):
+
+* ``"anomaly"`` — an anomaly-detection dataset, converted to the MVTec AD layout that
+  :func:`adlab.data.load_dataset` reads (MVTec AD, VisA, MPDD, BTAD);
+* ``"textures"`` — DTD, the Describable Textures Dataset: no defects, no train/test split,
+  only texture images (``<class>/*.jpg``) that anomaly synthesis pastes into normal images
+  (DRAEM, GLAD, TDAD). :mod:`adlab.data.textures` reads it; the loader of anomaly datasets
+  never does.
 """
 from __future__ import annotations
 
@@ -11,10 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from adlab.data.convert import convert_as_is, convert_btad, convert_visa
+from adlab.data.convert import (LAYOUT_KINDS, convert_as_is, convert_btad, convert_dtd,
+                                convert_visa)
 from adlab.data.errors import DownloadError
 
-__all__ = ["CATALOGUE", "DatasetEntry", "resolve_name", "dataset_dir", "archive_path", "describe"]
+__all__ = ["CATALOGUE", "DatasetEntry", "DTD_CLASSES", "resolve_name", "dataset_dir",
+           "archive_path", "describe"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +46,13 @@ class DatasetEntry:
     size_bytes: int | None = None   # archive size: at most SIZE_FACTOR times this is
                                     # unpacked (adlab/data/archive.py)
     notes: str = ""                 # extra help for a manual download
+    kind: str = "anomaly"           # "anomaly": MVTec layout, read by load_dataset;
+                                    # "textures": <class>/*.jpg, read by adlab.data.textures
+
+    def __post_init__(self):
+        if self.kind not in LAYOUT_KINDS:
+            raise ValueError(f"DatasetEntry {self.name!r}: kind must be one of "
+                             f"{', '.join(LAYOUT_KINDS)}, not {self.kind!r}.")
 
     @property
     def manual(self) -> bool:
@@ -49,6 +67,16 @@ _VISA_CATEGORIES = ("candle", "capsules", "cashew", "chewinggum", "fryum", "maca
                     "macaroni2", "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum")
 _MPDD_CATEGORIES = ("bracket_black", "bracket_brown", "bracket_white", "connector",
                     "metal_plate", "tubes")
+# The 47 texture classes of DTD (Cimpoi et al., CVPR 2014), as the folders of dtd/images/ are
+# named; the list is the same as torchvision's (pytorch/vision, torchvision/prototype/
+# datasets/_builtin/dtd.categories).
+DTD_CLASSES = ("banded", "blotchy", "braided", "bubbly", "bumpy", "chequered", "cobwebbed",
+               "cracked", "crosshatched", "crystalline", "dotted", "fibrous", "flecked",
+               "freckled", "frilly", "gauzy", "grid", "grooved", "honeycombed", "interlaced",
+               "knitted", "lacelike", "lined", "marbled", "matted", "meshed", "paisley",
+               "perforated", "pitted", "pleated", "polka-dotted", "porous", "potholed", "scaly",
+               "smeared", "spiralled", "sprinkled", "stained", "stratified", "striped",
+               "studded", "swirly", "veined", "waffled", "woven", "wrinkled", "zigzagged")
 
 CATALOGUE: dict[str, DatasetEntry] = {
     "mvtec_ad": DatasetEntry(
@@ -124,6 +152,30 @@ CATALOGUE: dict[str, DatasetEntry] = {
                "ground_truth/ko/<stem>.png|bmp}; converted to MVTec layout (ok -> good)",
         converter=convert_btad,
     ),
+    "dtd": DatasetEntry(
+        name="dtd",
+        title="DTD, Describable Textures Dataset (Cimpoi et al., CVPR 2014)",
+        urls=("https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz",),
+        filename="dtd-r1.0.1.tar.gz",
+        sha256="e42855a52a4950a3b59612834602aa253914755c95b0cff9ead6d07395f8e205",
+        sha256_source="anomalib (open-edge-platform/anomalib, src/anomalib/models/image/draem/"
+                      "lightning_model.py, DTD_DOWNLOAD_INFO.hashsum, sha256); torchvision's "
+                      "prototype DTD dataset gives the same sha256",
+        homepage="https://www.robots.ox.ac.uk/~vgg/data/dtd/",
+        licence="research use: the data are 'made available to the computer vision community "
+                "for research purposes' (no formal licence; the images were collected from "
+                "the web, see the homepage)",
+        categories=DTD_CLASSES,
+        layout="dtd/images/<47 texture classes>/*.jpg (5640 images, 120 per class), plus "
+               "dtd/labels/ (10 folds) and dtd/imdb/; only the class folders are kept, as "
+               "dtd/<class>/*.jpg. Not an anomaly dataset: textures for anomaly synthesis",
+        converter=convert_dtd,
+        # About 0.6 GB: TensorFlow Datasets' catalogue lists the download as 608.33 MiB
+        # (637.9 MB). The images are JPEGs, so the unpacked tree is about as large as the
+        # archive: the bomb limit (SIZE_FACTOR x this, ~2.5 GB) leaves ample room.
+        size_bytes=637_880_000,
+        kind="textures",
+    ),
 }
 
 _ALIASES = {"mvtec": "mvtec_ad", "mvtecad": "mvtec_ad", "mvtec-ad": "mvtec_ad",
@@ -150,12 +202,16 @@ def archive_path(name: str, root: str | os.PathLike) -> Path:
 
 
 def describe(entry: DatasetEntry) -> str:
-    """A few lines about a catalogue entry (used by ``--list``)."""
+    """A few lines about a catalogue entry (used by ``--list``); textures say what they are for."""
     size = f"{entry.size_bytes / 1e9:.1f} GB" if entry.size_bytes else "size unknown"
     check = f"sha256 {entry.sha256} (from {entry.sha256_source})" if entry.sha256 \
         else f"sha256 unknown: {entry.sha256_source}"
     where = "\n".join(f"    url: {u}" for u in entry.urls) or \
         f"    manual download: {entry.homepage}" + (f"\n    {entry.notes}" if entry.notes else "")
-    return (f"{entry.name}: {entry.title}\n    archive: {entry.filename} ({size})\n{where}\n"
-            f"    {check}\n    licence: {entry.licence}\n"
-            f"    categories: {', '.join(entry.categories)}")
+    what = ("" if entry.kind == "anomaly" else
+            "    textures for anomaly synthesis (DRAEM, GLAD, TDAD), not an anomaly dataset;\n"
+            "    read with adlab.data.textures.texture_bank(size, source='dtd', root=ROOT)\n")
+    return (f"{entry.name}: {entry.title}\n{what}    archive: {entry.filename} ({size})\n"
+            f"{where}\n    {check}\n    licence: {entry.licence}\n"
+            f"    {'classes' if entry.kind == 'textures' else 'categories'}: "
+            f"{', '.join(entry.categories)}")

@@ -10,6 +10,12 @@ The one on-disk format (see DESIGN.md, "Data")::
 A converter ``(extracted, out)`` reads the tree :func:`adlab.data.archive.safe_extract` wrote
 (plain files and folders only) and builds ``out``; MVTec AD and MPDD are taken as they are,
 VisA and BTAD are rearranged. :func:`check_layout` checks the result.
+
+One catalogue entry is not an anomaly dataset: DTD, the Describable Textures Dataset, whose
+images anomaly-synthesis methods (DRAEM, GLAD, TDAD; :mod:`adlab.data.synthesis`) paste into
+normal images. It has no train/test split; :func:`convert_dtd` keeps only its images, one
+folder per texture class (``<class>/*.jpg``), and ``check_layout(..., kind="textures")``
+checks that layout instead (see :mod:`adlab.data.textures`, which reads it).
 """
 from __future__ import annotations
 
@@ -25,9 +31,13 @@ from PIL import Image
 
 from adlab.data.archive import is_absolute, split_name
 from adlab.data.errors import LayoutError
+from adlab.data.mvtec import IMAGE_EXTENSIONS
 from adlab.progress import progress
 
-__all__ = ["convert_as_is", "convert_visa", "convert_btad", "check_layout", "VISA_COLUMNS"]
+__all__ = ["convert_as_is", "convert_visa", "convert_btad", "convert_dtd", "check_layout",
+           "VISA_COLUMNS", "LAYOUT_KINDS"]
+
+LAYOUT_KINDS = ("anomaly", "textures")   # DatasetEntry.kind: what check_layout expects
 
 
 def _sub_dirs(folder: Path) -> list[Path]:
@@ -199,28 +209,72 @@ def convert_btad(extracted: Path, out: Path) -> None:
                 _binary_mask(masks[image.stem]).save(mask_out)
 
 
-def check_layout(folder: str | os.PathLike, expected: tuple[str, ...] = ()) -> list[str]:
-    """Check the MVTec layout under ``folder``; return its categories or raise LayoutError.
+def _has_dtd_images(folder: Path) -> bool:
+    return (folder / "images").is_dir() and any(
+        _images(c) for c in _sub_dirs(folder / "images"))
 
-    Every visible sub-folder is a category and needs ``train/good`` with at least one file
-    and ``test/`` with at least one non-empty sub-folder. Missing ``expected`` categories are
-    reported as a warning (some users keep only a few categories).
+
+def _images(folder: Path) -> list[Path]:
+    """Visible image files directly in ``folder`` (the extensions the loader reads)."""
+    return [p for p in _visible_files(folder) if p.suffix.lower() in IMAGE_EXTENSIONS]
+
+
+def convert_dtd(extracted: Path, out: Path) -> None:
+    """DTD -> one folder per texture class: ``images/<class>/*.jpg`` becomes ``<class>/*.jpg``.
+
+    The archive (``dtd-r1.0.1.tar.gz``) holds ``dtd/images/<47 classes>/``, ``dtd/labels/``
+    (the 10 train/val/test folds and the joint annotations) and ``dtd/imdb/imdb.mat``. Only
+    the images are kept: anomaly synthesis samples textures at random and needs neither
+    the folds nor the labels. The class folders are moved, not copied (the files are plain:
+    :func:`adlab.data.archive.safe_extract` refused anything else); files lying directly in
+    ``images/`` are left behind. Cimpoi et al., "Describing Textures in the Wild", CVPR 2014.
     """
+    dtd = _find_root(extracted, _has_dtd_images,
+                     "DTD (dtd/images/<class>/*.jpg next to dtd/labels/)")
+    out.mkdir()
+    for folder in _sub_dirs(dtd / "images"):
+        os.replace(folder, out / folder.name)
+
+
+def _check_anomaly_category(folder: Path, cat: Path) -> None:
+    good = cat / "train" / "good"
+    if not good.is_dir() or not _visible_files(good):
+        raise LayoutError(f"Category {cat.name!r} in {folder} has no images in train/good/; "
+                          "the MVTec layout needs <category>/train/good/*.")
+    test = cat / "test"
+    if not test.is_dir() or not any(_visible_files(d) for d in _sub_dirs(test)):
+        raise LayoutError(f"Category {cat.name!r} in {folder} has no images under test/; "
+                          "the MVTec layout needs <category>/test/<good|defect>/*.")
+
+
+def _check_texture_class(folder: Path, cat: Path) -> None:
+    if not _images(cat):
+        raise LayoutError(f"The texture class {cat.name!r} in {folder} holds no images "
+                          f"({', '.join(IMAGE_EXTENSIONS)}); a texture set needs "
+                          "<class>/*.jpg.")
+
+
+def check_layout(folder: str | os.PathLike, expected: tuple[str, ...] = (),
+                 kind: str = "anomaly") -> list[str]:
+    """Check a converted dataset under ``folder``; return its categories or raise LayoutError.
+
+    ``kind="anomaly"`` (the MVTec layout): every visible sub-folder is a category and needs
+    ``train/good`` with at least one file and ``test/`` with at least one non-empty
+    sub-folder. ``kind="textures"`` (DTD): every visible sub-folder is a texture class and
+    holds at least one image. Missing ``expected`` categories are reported as a note (some
+    users keep only a few categories).
+    """
+    if kind not in LAYOUT_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(LAYOUT_KINDS)}; got {kind!r}.")
     folder = Path(folder)
     if not folder.is_dir():
         raise LayoutError(f"{folder} is not a folder.")
     categories = _sub_dirs(folder)
     if not categories:
         raise LayoutError(f"{folder} holds no category folders.")
+    check = _check_anomaly_category if kind == "anomaly" else _check_texture_class
     for cat in categories:
-        good = cat / "train" / "good"
-        if not good.is_dir() or not _visible_files(good):
-            raise LayoutError(f"Category {cat.name!r} in {folder} has no images in train/good/; "
-                              "the MVTec layout needs <category>/train/good/*.")
-        test = cat / "test"
-        if not test.is_dir() or not any(_visible_files(d) for d in _sub_dirs(test)):
-            raise LayoutError(f"Category {cat.name!r} in {folder} has no images under test/; "
-                              "the MVTec layout needs <category>/test/<good|defect>/*.")
+        check(folder, cat)
     names = [c.name for c in categories]
     missing = [c for c in expected if c not in names]
     if missing:

@@ -7,13 +7,16 @@ The paper profile reads real datasets in the MVTec AD folder layout (see DESIGN.
 * this module — the HTTP download and the sha256 check, and :func:`download` tying it together;
 * :mod:`adlab.data.archive` — :func:`safe_extract`, the security-critical part: plain files and
   folders only, bounded in size (zip/tar bombs), nothing written outside the destination;
-* :mod:`adlab.data.convert` — VisA and BTAD to the MVTec layout, and :func:`check_layout`.
+* :mod:`adlab.data.convert` — VisA and BTAD to the MVTec layout, DTD to ``<class>/*.jpg``,
+  and :func:`check_layout`.
 
 :func:`download` fetches one archive of :data:`CATALOGUE` to ``<root>/<archive filename>``,
 checks its sha256, extracts it with :func:`safe_extract` into a temporary folder, converts it
 (VisA, BTAD) or takes it as is (MVTec AD, MPDD), checks that no link and only the MVTec layout
 is left, and only then renames the result to ``<root>/<name>``; an interrupted run never leaves
-a half-built dataset behind.
+a half-built dataset behind. DTD (``kind="textures"`` in the catalogue) is not an anomaly
+dataset: it goes the same way but ends as ``<root>/dtd/<class>/*.jpg``, the texture images
+that anomaly synthesis pastes into normal images (:mod:`adlab.data.textures` reads them).
 
 No archive is used unverified: a download or an archive already on disk whose sha256 differs
 from the catalogue is refused (a wrong one on disk is set aside and downloaded again), and an
@@ -186,7 +189,8 @@ def download(name: str, root: str | os.PathLike, *, url_override: str | None = N
     """Download, verify, extract and convert a catalogue dataset; return ``<root>/<name>``.
 
     Args:
-        name: a :data:`CATALOGUE` key (``mvtec_ad``, ``visa``, ``mpdd``, ``btad``).
+        name: a :data:`CATALOGUE` key (``mvtec_ad``, ``visa``, ``mpdd``, ``btad``; ``dtd``
+            for the texture images of anomaly synthesis).
         root: folder for the archive (``<root>/<archive filename>``) and the dataset.
         url_override: download from this URL instead of the catalogue's (a mirror).
         sha256: expected checksum instead of the catalogue's (e.g. for a dataset without one).
@@ -218,7 +222,7 @@ def download(name: str, root: str | os.PathLike, *, url_override: str | None = N
     if final.exists():
         try:
             check_no_links(final)
-            check_layout(final, entry.categories)
+            check_layout(final, entry.categories, entry.kind)
         except (LayoutError, UnsafeArchiveError) as err:
             raise type(err)(f"{final} exists but is not a complete dataset ({err}) Delete "
                             f"{final} and run again.") from err
@@ -265,7 +269,8 @@ def download(name: str, root: str | os.PathLike, *, url_override: str | None = N
         # Bomb limit: a few times the catalogue's archive size, or the ceiling when unknown.
         limit = SIZE_FACTOR * entry.size_bytes if entry.size_bytes else MAX_TOTAL_BYTES
         extracted = safe_extract(archive, work / "extracted", max_bytes=limit)
-        print(f"Arranging {entry.title} in the MVTec layout ...")
+        layout = "in the MVTec layout" if entry.kind == "anomaly" else "as <class>/ folders"
+        print(f"Arranging {entry.title} {layout} ...")
         entry.converter(extracted, work / "converted")
         try:
             check_no_links(work / "converted")
@@ -273,12 +278,17 @@ def download(name: str, root: str | os.PathLike, *, url_override: str | None = N
             raise UnsafeArchiveError(f"{archive}, once converted: {err} Nothing was moved to "
                                      f"{final}; delete {archive.name} and download it again."
                                      ) from err
-        categories = check_layout(work / "converted", entry.categories)
+        categories = check_layout(work / "converted", entry.categories, entry.kind)
         os.replace(work / "converted", final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"{entry.title}: {len(categories)} categories in {final}\n"
-          f"Use it with:  export ADLAB_DATA={final}")
+    if entry.kind == "textures":
+        print(f"{entry.title}: {len(categories)} texture classes in {final}\n"
+              f"Use it with:  adlab.data.textures.texture_bank(size, source='dtd', "
+              f"root='{root}')")
+    else:
+        print(f"{entry.title}: {len(categories)} categories in {final}\n"
+              f"Use it with:  export ADLAB_DATA={final}")
     return final
 
 

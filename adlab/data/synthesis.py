@@ -11,7 +11,10 @@ anomaly into a normal image and train on the result:
 * MemSeg (Yang et al. 2023) and GLAD (Yao et al., ECCV 2024, ATP) restrict the mask to
   the object's foreground (Otsu) and take the source either from a texture or from
   the image itself shuffled on a grid; GLAD thresholds the Perlin noise at 0.3.
-* TDAD uses the same ingredients with multi-scale masks.
+* TDAD (two-stage diffusion, :mod:`adlab.diffusion.tdad`) uses the same ingredients with
+  masks at several scales: fine and medium Perlin blobs plus large irregular regions
+  (:class:`MultiScaleSynthesizer`), so that the segmentation network meets both pin-prick and
+  large defects.
 
 Every random choice draws from an optional ``torch.Generator``: the same generator
 state gives the same anomalies.
@@ -116,6 +119,58 @@ def perlin_mask(size, threshold: float = 0.5, min_scale_exp: int = 0, max_scale_
     angle = float(torch.empty(1).uniform_(-90, 90, generator=generator)) if rotate else 0.0
     noise = perlin_noise(_pair(size), scale, generator=generator, angle=angle)
     return (noise > threshold).float()
+
+
+def irregular_mask(size, min_area: float = 0.08, max_area: float = 0.3, vertices: int = 12,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """One large irregular region, ``float32 [H, W]`` in {0, 1}: a random star-shaped blob.
+
+    ``vertices`` directions around a random centre get random radii; the boundary radius at
+    every angle is the periodic linear interpolation between them, so the region is a lumpy,
+    closed, simply connected blob (a dent, a large stain, a missing piece). Its mean radius is
+    set so that the blob would cover a fraction of the image drawn uniformly in
+    ``[min_area, max_area]`` (a little less when it reaches the border).
+    """
+    H, W = _pair(size)
+    if not 0 < min_area <= max_area < 1:
+        raise ValueError(f"irregular_mask needs 0 < min_area <= max_area < 1; got "
+                         f"{min_area}, {max_area}.")
+    u = torch.rand(3 + vertices, generator=generator, dtype=torch.float64)
+    area = min_area + (max_area - min_area) * float(u[0])
+    cy, cx = (0.25 + 0.5 * float(u[1])) * (H - 1), (0.25 + 0.5 * float(u[2])) * (W - 1)
+    lumps = 0.6 + 0.8 * u[3:]                      # relative radii in [0.6, 1.4]
+    # mean area of the blob ~ pi r^2 E[lump^2]; E[lump^2] = 1 + 0.8^2 / 12
+    radius = math.sqrt(area * H * W / (math.pi * (1 + 0.8 ** 2 / 12)))
+    py = torch.arange(H, dtype=torch.float64)[:, None] - cy
+    px = torch.arange(W, dtype=torch.float64)[None, :] - cx
+    angle = torch.atan2(py, px) % (2 * math.pi)    # [H, W] in [0, 2 pi)
+    pos = angle / (2 * math.pi) * vertices
+    k = pos.floor().long() % vertices
+    frac = pos - pos.floor()
+    boundary = radius * torch.lerp(lumps[k], lumps[(k + 1) % vertices], frac)
+    return (torch.sqrt(py ** 2 + px ** 2) <= boundary).float()
+
+
+#: TDAD-style mask scales (our reading; TDAD's authors released no code): Perlin with
+#: ``2^k`` lattice cells, ``k`` in the given range (more cells, smaller blobs), or one large
+#: irregular region.
+MASK_SCALES = {
+    "fine": {"kind": "perlin", "min_scale_exp": 4, "max_scale_exp": 5},
+    "medium": {"kind": "perlin", "min_scale_exp": 1, "max_scale_exp": 3},
+    "large": {"kind": "irregular"},
+}
+
+
+def scaled_mask(size, scale: str, threshold: float = 0.5,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """A mask of one :data:`MASK_SCALES` scale (``"fine"``, ``"medium"``, ``"large"``)."""
+    if scale not in MASK_SCALES:
+        raise ValueError(f"Unknown mask scale {scale!r}; choose from {', '.join(MASK_SCALES)}.")
+    spec = MASK_SCALES[scale]
+    if spec["kind"] == "irregular":
+        return irregular_mask(size, generator=generator)
+    return perlin_mask(size, threshold, spec["min_scale_exp"], spec["max_scale_exp"],
+                       generator=generator)
 
 
 # --------------------------------------------------------------------------- foreground
@@ -254,3 +309,28 @@ class AnomalySynthesizer:
             return self.synthesize(images, generator)
         pairs = [self.synthesize(image, generator) for image in images]
         return torch.stack([a for a, _ in pairs]), torch.stack([m for _, m in pairs])
+
+
+@dataclass
+class MultiScaleSynthesizer(AnomalySynthesizer):
+    """TDAD's multi-scale synthesis: like :class:`AnomalySynthesizer`, but each anomalous sample
+    first draws one of ``scales`` uniformly (:data:`MASK_SCALES`: fine and medium Perlin blobs,
+    large irregular regions), so small and large defects are equally common. DRAEM's single
+    draw of ``2^k, k in [0, 5]`` mostly yields medium blobs; TDAD adds the large regions a
+    reconstruction model finds hardest to repair. Foreground restriction, sources and the
+    blend are the parent's."""
+
+    scales: tuple = ("fine", "medium", "large")
+
+    def _mask(self, image: torch.Tensor, generator) -> torch.Tensor:
+        region = foreground_mask(image) if self.foreground else None
+        if region is not None and region.sum() == 0:
+            region = None
+        scale = self.scales[int(torch.randint(len(self.scales), (1,), generator=generator))]
+        for _ in range(max(1, self.max_tries)):
+            mask = scaled_mask(image.shape[-2:], scale, self.threshold, generator)
+            if region is not None:
+                mask = mask * region
+            if mask.sum() > 0:
+                return mask
+        return mask

@@ -42,8 +42,11 @@ SD_MODEL = "CompVis/stable-diffusion-v1-4"
 # --------------------------------------------------------------------------- pixel space
 
 def pixel_unet(image_size: int, channels: Sequence[int] = (32, 64, 64), layers_per_block: int = 1,
-               attention: bool = False, seed: int = 0) -> nn.Module:
-    """A small diffusers ``UNet2DModel`` (3 -> 3 channels), seeded random init.
+               attention: bool = False, seed: int = 0, in_channels: int = 3) -> nn.Module:
+    """A small diffusers ``UNet2DModel`` (``in_channels`` -> 3 channels), seeded random init.
+
+    ``in_channels`` > 3: the extra channels carry a condition concatenated to x_t (TDAD's
+    second stage).
 
     Without ``attention`` every block is a plain ResNet block (``DownBlock2D``/``UpBlock2D``),
     the cheapest layout on a CPU; with it the deepest level gets self-attention as in DDPM.
@@ -58,7 +61,7 @@ def pixel_unet(image_size: int, channels: Sequence[int] = (32, 64, 64), layers_p
     groups = min(8, min(channels))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return UNet2DModel(sample_size=image_size, in_channels=3, out_channels=3,
+        return UNet2DModel(sample_size=image_size, in_channels=in_channels, out_channels=3,
                            block_out_channels=tuple(channels), layers_per_block=layers_per_block,
                            down_block_types=tuple(down), up_block_types=tuple(up),
                            norm_num_groups=groups)
