@@ -168,7 +168,7 @@ def test_image_score_is_the_max_of_a_mean_filter_as_a_brute_force_loop():
 
 # --------------------------------------------------------------------------- the detector
 
-TINY = dict(image_size=32, unet_channels=(8, 16), fusion_channels=4, seg_channels=(8, 8, 8),
+TINY = dict(image_size=32, unet_channels=(8, 16), stage2_channels=(8, 16), fusion_channels=4, seg_channels=(8, 8, 8),
             train_steps=3, seg_steps=3, pool_size=4, batch_size=2, train_crop=16, steps1=2,
             steps2=2, texture_source="none", val_fraction=0.25)
 
@@ -245,3 +245,67 @@ def test_bad_settings_are_explained():
         TDAD(map="ssim")
     with pytest.raises(ValueError, match="texture_source"):
         TDAD(texture_source="imagenet")
+
+
+def test_the_train_command_trains_and_saves_a_tdad(tmp_path, monkeypatch):
+    """``python -m adlab train tdad`` with ``--steps`` splits them between the two phases and
+    writes a detector that predicts."""
+    from adlab.cli_train import main
+    from adlab.detector import load_detector
+
+    monkeypatch.delenv("ADLAB_PROFILE", raising=False)
+    out = tmp_path / "tdad.pt"
+    settings = ["--set", "pool_size=2", "--set", "steps1=1", "--set", "steps2=1",
+                "--set", "texture_source=none", "--set", "image_size=32"]
+    assert main(["tdad", "--category", "weave", "--steps", "4", *settings, "--out", str(out)]) == 0
+    det = load_detector(out, "tdad")
+    assert len(det.history) == 4 and det.config.pool_size == 2
+    pred = det.predict(_images(2, size=40))
+    assert pred.maps.shape == (2, 40, 40)
+
+
+# --------------------------------------------------------------------------- shipped checkpoints
+
+SHIPPED = [(f"tdad_stone_seed{s}.pt", True, s) for s in (0, 1, 2)] + \
+          [(f"tdad_single_stone_seed{s}.pt", False, s) for s in (0, 1, 2)]
+
+
+@pytest.mark.parametrize("name,multiscale,seed", SHIPPED)
+def test_shipped_detectors_are_todays_quick_defaults(name, multiscale, seed, monkeypatch):
+    """Notebook 43 loads these files: each must be what `python -m adlab train tdad --category
+    stone --seed S --half [--set multiscale=False]` writes today, float16 on disk, all six under
+    the diffusion chapter's 20 MB."""
+    from adlab.detector import config_dict, load_detector, read_detector_file
+    from adlab.diffusion.reconstruct import CHECKPOINTS
+
+    monkeypatch.delenv("ADLAB_PROFILE", raising=False)
+    assert sum((CHECKPOINTS / n).stat().st_size for n, _, _ in SHIPPED) < 20e6
+    path = CHECKPOINTS / name
+    assert torch.load(path, weights_only=True)["stored_as"] == "float16"
+    det = load_detector(path, "tdad")
+    assert config_dict(det.config) == config_dict(TDAD(seed=seed, multiscale=multiscale).config)
+    assert det.info["category"] == "stone"
+    assert len(det.history) == det.config.train_steps + det.config.seg_steps
+    assert read_detector_file(path)["state"]["weights"]["seg"]["heads.0.weight"].dtype == \
+        torch.float32
+
+
+def test_the_train_command_reproduces_a_shipped_detectors_quality(tmp_path, monkeypatch):
+    """The diffusion chapter's rule for shipped checkpoints: the repository's command trains a
+    detector of the same quality (stone test set, image and pixel AUROC within 0.03)."""
+    from adlab.cli_train import main
+    from adlab.data.mvtec import load_dataset
+    from adlab.detector import load_detector
+    from adlab.diffusion.reconstruct import CHECKPOINTS
+    from adlab.metrics import image_auroc, pixel_auroc
+
+    monkeypatch.delenv("ADLAB_PROFILE", raising=False)
+    out = tmp_path / "tdad.pt"
+    assert main(["tdad", "--category", "stone", "--seed", "0", "--half", "--out", str(out)]) == 0
+    test = load_dataset("stone", "test")
+    scores = []
+    for path in (CHECKPOINTS / "tdad_stone_seed0.pt", out):
+        pred = load_detector(path, "tdad").predict(test.images)
+        scores.append((image_auroc(test.labels, pred.scores), pixel_auroc(test.masks, pred.maps)))
+    (img0, pix0), (img1, pix1) = scores
+    assert abs(img0 - img1) <= 0.03 and abs(pix0 - pix1) <= 0.03, scores

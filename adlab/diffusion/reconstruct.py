@@ -246,6 +246,26 @@ def ssim_map(x: Tensor, y: Tensor, sigma: float = 1.5, data_range: float = 1.0,
     return (1 - s).mean(1)
 
 
+# --------------------------------------------------------------------------- helpers
+
+def resize_images(images: Tensor, size: int) -> Tensor:
+    """Images [B, 3, H, W] in [0, 1] at ``size`` x ``size`` (antialiased bilinear)."""
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=True).clamp(0, 1)
+
+
+def clip_before_every_step(optimizer, params, max_norm: float) -> None:
+    """Clip the gradient norm of ``params`` to ``max_norm`` right before each optimiser step
+    (after backward and any unscaling); nothing when ``max_norm`` is 0 or None."""
+    def clip(*_) -> None:       # a pre-hook that returns something replaces step's arguments
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    if max_norm:
+        optimizer.register_step_pre_hook(clip)
+
+
 # --------------------------------------------------------------------------- sampling
 
 def inference_timesteps(T: int, num_steps: int, offset: int = 0) -> Tensor:
@@ -324,11 +344,7 @@ class DiffusionReconstruction:
 
     def resize(self, images: Tensor) -> Tensor:
         """Images [B, 3, H, W] in [0, 1] at the denoiser's resolution (antialiased bilinear)."""
-        s = self.config.image_size
-        if tuple(images.shape[-2:]) == (s, s):
-            return images
-        return F.interpolate(images, size=(s, s), mode="bilinear", align_corners=False,
-                             antialias=True).clamp(0, 1)
+        return resize_images(images, self.config.image_size)
 
     def features(self, x: Tensor) -> list[Tensor]:
         """Backbone maps of model-range images x in [-1, 1], resized to ``feature_size``."""
@@ -370,11 +386,7 @@ class DiffusionReconstruction:
         unet = self.denoiser.trainable
         params = [p for p in unet.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-        if c.max_grad_norm:  # clip after backward (and unscaling), before every optimiser step
-            def clip(*_):
-                torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
-
-            optimizer.register_step_pre_hook(clip)
+        clip_before_every_step(optimizer, params, c.max_grad_norm)
         total = steps or c.train_steps
         scheduler = None
         if c.lr_schedule == "cosine":
