@@ -230,3 +230,14 @@ def test_grid_shuffle_leaves_the_remainder_in_place():
     assert torch.equal(out[:, 32:], image[:, 32:]) and torch.equal(out[:, :, 32:], image[:, :, 32:])
     assert torch.equal(out[:, :32, :32].flatten(1).sort(1).values,
                        image[:, :32, :32].flatten(1).sort(1).values)
+
+
+def test_looks_like_object_tells_an_object_from_a_texture():
+    from adlab.data.synthesis import looks_like_object
+
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    disc = ((yy - 16) ** 2 + (xx - 15) ** 2 < 100).float()
+    objects = torch.stack([0.2 + 0.6 * disc.expand(3, 32, 32)] * 3)
+    noise = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert looks_like_object(objects) and not looks_like_object(noise)
+    assert not looks_like_object(torch.full((2, 3, 16, 16), 0.5))   # no foreground at all

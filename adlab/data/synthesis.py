@@ -204,6 +204,19 @@ def foreground_mask(image: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(foreground.astype(np.float32))
 
 
+def looks_like_object(images: torch.Tensor, max_border: float = 0.05, sample: int = 8) -> bool:
+    """Whether the images show an object on a background (restrict anomalies to it) rather than
+    a texture: the Otsu foreground (:func:`foreground_mask`) of the first ``sample`` images
+    covers at most ``max_border`` of the image border on average. An object sits inside the
+    frame; a texture's Otsu split runs through the border (about half of it either side)."""
+    touching = []
+    for image in images[:sample]:
+        fg = foreground_mask(image)
+        border = torch.cat([fg[0], fg[-1], fg[:, 0], fg[:, -1]])
+        touching.append(float(border.mean()) if fg.sum() > 0 else 1.0)
+    return bool(touching) and sum(touching) / len(touching) <= max_border
+
+
 # --------------------------------------------------------------------------- sources and blend
 
 def grid_shuffle(image: torch.Tensor, grid: int = 8,

@@ -44,6 +44,9 @@ Choices the description leaves open (ours; a teacher may change each in :class:`
 * Image score: DRAEM's rule (Zavrtanik et al., ICCV 2021; VitjanZ/DRAEM ``test_DRAEM.py``:
   ``avg_pool2d(mask, 21, stride=1, padding=10)``, then the max), the rule of the
   reconstruction + segmentation family TDAD belongs to; our recorded facts hold no other.
+* Objects or textures: the masks are restricted to the Otsu foreground when the training
+  images look like an object on a background (``foreground=None``,
+  :func:`adlab.data.synthesis.looks_like_object`); the paper restricts "for objects".
 * Textures: DTD (paper profile, :func:`adlab.data.textures.texture_bank` with source "dtd")
   or offline stand-ins (quick profile: scikit-image's bundled textures and recoloured synthetic
   textures; never the synthetic factory's defect generators, which draw the test defects).
@@ -120,7 +123,9 @@ class TDADConfig:
     multiscale: bool = True                 # ablation: False is DRAEM's single-scale Perlin draw
     p_synthetic: float = 0.5                # DRAEM / GLAD: half the samples stay normal
     synth_threshold: float = 0.5            # DRAEM's Perlin threshold
-    foreground: bool = False                # Otsu foreground only (objects)
+    # Restrict the masks to the Otsu foreground: None decides from the training images
+    # (adlab.data.synthesis.looks_like_object: on for the nut and pins, off for the textures).
+    foreground: bool | None = None
     # "offline" (scikit-image + recoloured synthetic textures), "dtd" (needs the download), or
     # "none" (self-shuffled image only)
     texture_source: str = field(default_factory=lambda: by_profile(quick="offline", paper="dtd"))
@@ -371,11 +376,16 @@ class TDAD:
         self.seg = seg.to(self.device)
         self.modules = {"stage1": self.stage1, "stage2": self.stage2, "seg": self.seg}
 
-    def synthesizer(self):
-        """The training-time anomaly synthesizer (multi-scale unless ``multiscale=False``)."""
-        from adlab.data.synthesis import AnomalySynthesizer, MultiScaleSynthesizer
+    def synthesizer(self, images: Tensor | None = None):
+        """The training-time anomaly synthesizer (multi-scale unless ``multiscale=False``);
+        ``foreground=None`` restricts to the foreground when ``images`` show an object."""
+        from adlab.data.synthesis import (AnomalySynthesizer, MultiScaleSynthesizer,
+                                          looks_like_object)
 
         c = self.config
+        foreground = c.foreground
+        if foreground is None:
+            foreground = images is not None and looks_like_object(images)
         textures = None
         if c.texture_source != "none":
             from adlab.data.textures import texture_bank
@@ -383,7 +393,7 @@ class TDAD:
             textures = texture_bank(c.image_size, c.texture_source, root=c.texture_root,
                                     seed=c.seed)
         cls = MultiScaleSynthesizer if c.multiscale else AnomalySynthesizer
-        return cls(textures=textures, threshold=c.synth_threshold, foreground=c.foreground,
+        return cls(textures=textures, threshold=c.synth_threshold, foreground=foreground,
                    normal_fraction=1 - c.p_synthetic)
 
     def resize(self, images: Tensor) -> Tensor:
@@ -439,7 +449,7 @@ class TDAD:
                                                  / max(length, 1)))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [decay(0, n1), decay(n1, n2)])
-        synth = self.synthesizer()
+        synth = self.synthesizer(fit_images)
         alpha_bar = self.alpha_bar.to(self.device)
         counter = _StepCounter().to(self.device)
         crop = c.train_crop if c.train_crop and c.train_crop < c.image_size else None
