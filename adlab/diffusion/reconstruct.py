@@ -61,10 +61,12 @@ __all__ = ["ReconstructionConfig", "DiffusionReconstruction", "ViTFeatures", "bu
 
 SCORE_MAPS = ("features", "pixel", "ssim")
 
-#: The notebooks' trained denoisers (package data, float16): ``glad_stone_seed{0,1,2}.pt``
+#: The notebooks' trained detectors (package data, float16): ``glad_stone_seed{0,1,2}.pt``
 #: (ATP) and ``glad_plain_stone_seed{0,1,2}.pt`` (DDPM's loss), each written by
 #: ``python -m adlab train glad --category stone --seed S --half --out adlab/checkpoints/FILE``
-#: (plus ``--set atp=False`` for the plain ones) with the quick profile's defaults.
+#: (plus ``--set atp=False`` for the plain ones) with the quick profile's defaults; TDAD's
+#: ``tdad_stone_seed{0,1,2}.pt`` and ``tdad_single_stone_seed{0,1,2}.pt`` by ``python -m adlab
+#: train tdad --category stone --seed S --half --out ...`` (plus ``--set multiscale=False``).
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 #: Settings that define the denoiser itself (the rest only change inference).
 DENOISER_SETTINGS = ("image_size", "latent", "sd_model", "unet_channels", "layers_per_block",
