@@ -30,6 +30,35 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def shipped_and_retrained(tmp_path, monkeypatch):
+    """``scores(method, shipped_file)``: image and pixel AUROC on the stone test set of a
+    shipped detector (``adlab/checkpoints``) and of the one `python -m adlab train METHOD
+    --category stone --seed 0 --half` writes now: the shipped-checkpoint rule of the diffusion
+    chapter (the repository's command reproduces a checkpoint's quality)."""
+    from adlab.cli_train import main
+    from adlab.data.mvtec import load_dataset
+    from adlab.detector import load_detector
+    from adlab.diffusion.reconstruct import CHECKPOINTS
+    from adlab.metrics import image_auroc, pixel_auroc
+
+    monkeypatch.delenv("ADLAB_PROFILE", raising=False)
+
+    def scores(method: str, shipped: str):
+        out = tmp_path / f"{method}.pt"
+        assert main([method, "--category", "stone", "--seed", "0", "--half", "--out",
+                     str(out)]) == 0
+        test = load_dataset("stone", "test")
+        result = []
+        for path in (CHECKPOINTS / shipped, out):
+            pred = load_detector(path, method).predict(test.images)
+            result.append((image_auroc(test.labels, pred.scores),
+                           pixel_auroc(test.masks, pred.maps)))
+        return result
+
+    return scores
+
+
 def _load_script(name: str):
     """``data_scripts/<name>.py`` imported as a module (its ``main(argv)`` is the CLI)."""
     spec = importlib.util.spec_from_file_location(f"adlab_script_{name}",

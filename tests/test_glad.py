@@ -358,23 +358,10 @@ def test_shipped_denoisers_are_todays_quick_defaults(name, atp, seed, monkeypatc
     assert read_detector_file(path)["state"]["weights"]["unet.conv_in.weight"].dtype == torch.float32
 
 
-def test_the_train_command_reproduces_a_shipped_denoisers_quality(tmp_path, monkeypatch):
+def test_the_train_command_reproduces_a_shipped_denoisers_quality(shipped_and_retrained):
     """The issue's rule for shipped checkpoints: the repository's command trains a detector of
     the same quality (stone test set, image and pixel AUROC within 0.03)."""
-    from adlab.cli_train import main
-    from adlab.data.mvtec import load_dataset
-    from adlab.detector import load_detector
-    from adlab.diffusion.reconstruct import CHECKPOINTS
-    from adlab.metrics import image_auroc, pixel_auroc
-
-    monkeypatch.delenv("ADLAB_PROFILE", raising=False)
-    out = tmp_path / "glad.pt"
-    assert main(["glad", "--category", "stone", "--seed", "0", "--half", "--out", str(out)]) == 0
-    test = load_dataset("stone", "test")
-    scores = []
-    for path in (CHECKPOINTS / "glad_stone_seed0.pt", out):
-        pred = load_detector(path, "glad").predict(test.images)
-        scores.append((image_auroc(test.labels, pred.scores), pixel_auroc(test.masks, pred.maps)))
+    scores = shipped_and_retrained("glad", "glad_stone_seed0.pt")
     (img_a, px_a), (img_b, px_b) = scores
     assert abs(img_a - img_b) < 0.03 and abs(px_a - px_b) < 0.03, scores
     assert img_b > 0.8
