@@ -298,3 +298,22 @@ def test_the_train_command_reproduces_a_shipped_detectors_quality(shipped_and_re
     (img0, pix0), (img1, pix1) = scores
     assert abs(img0 - img1) <= 0.03 and abs(pix0 - pix1) <= 0.03, scores
     assert img1 >= 0.85
+
+
+def test_paper_profile_reads_dtd_from_the_data_root(tmp_path, monkeypatch):
+    """The paper profile pastes DTD textures from ADLAB_DATA/dtd (a stand-in tree here); without
+    the download the error says what to run."""
+    from PIL import Image
+
+    from adlab.data.mvtec import DatasetError
+
+    monkeypatch.setenv("ADLAB_PROFILE", "paper")
+    monkeypatch.setenv("ADLAB_DATA", str(tmp_path))
+    with pytest.raises(DatasetError, match="download.py dtd"):
+        TDAD(texture_limit=2).synthesizer()
+    for name in ("banded", "woven"):
+        (tmp_path / "dtd" / name).mkdir(parents=True)
+        Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "dtd" / name / f"{name}_1.jpg")
+    synth = TDAD(texture_limit=2).synthesizer()
+    assert synth.textures.shape == (2, 3, 256, 256)
+    assert float(synth.textures[:, 0].mean()) > 0.6          # the red stand-in images

@@ -129,7 +129,9 @@ class TDADConfig:
     # "offline" (scikit-image + recoloured synthetic textures), "dtd" (needs the download), or
     # "none" (self-shuffled image only)
     texture_source: str = field(default_factory=lambda: by_profile(quick="offline", paper="dtd"))
-    texture_root: str | None = None          # the data root holding dtd/ (source "dtd")
+    texture_root: str | None = None          # the folder holding dtd/; None: ADLAB_DATA
+    # DTD images kept in memory (a seeded subset: all 5640 at 256 px take 4.4 GB)
+    texture_limit: int | None = 1000
     # --- training -------------------------------------------------------------------------
     train_steps: int = field(default_factory=lambda: by_profile(quick=300, paper=20000))
     batch_size: int = field(default_factory=lambda: by_profile(quick=8, paper=8))
@@ -390,8 +392,13 @@ class TDAD:
         if c.texture_source != "none":
             from adlab.data.textures import texture_bank
 
-            textures = texture_bank(c.image_size, c.texture_source, root=c.texture_root,
-                                    seed=c.seed)
+            root = c.texture_root
+            if root is None and c.texture_source == "dtd":
+                from adlab.config import data_root
+
+                root = data_root()
+            textures = texture_bank(c.image_size, c.texture_source, root=root,
+                                    limit=c.texture_limit, seed=c.seed)
         cls = MultiScaleSynthesizer if c.multiscale else AnomalySynthesizer
         return cls(textures=textures, threshold=c.synth_threshold, foreground=foreground,
                    normal_fraction=1 - c.p_synthetic)
