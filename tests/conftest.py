@@ -16,12 +16,13 @@ def live_output(monkeypatch):
     monkeypatch.delenv("ADLAB_STATIC_OUTPUT", raising=False)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
-    """Every test runs on one torch thread (restored after). The test command runs one
-    pytest-xdist worker per core; with torch's default of one thread per core in each worker,
-    the 2-core CI machine is oversubscribed and small kernels (a small UNet's) ran ~10x slower
-    (the GLAD reproduction test: 911 s instead of ~70 s)."""
+    """The whole session runs on one torch thread (restored after), module-scoped fixtures
+    included. The test command runs one pytest-xdist worker per core; with torch's default of
+    one thread per core in each worker, the 2-core CI machine is oversubscribed and small
+    kernels (a small UNet's) ran ~10x slower (the GLAD reproduction test: 911 s instead of
+    ~70 s)."""
     import torch
 
     threads = torch.get_num_threads()

@@ -42,16 +42,6 @@ class FixedEps(torch.nn.Module):
         return (1 - ab).sqrt() * x + 0.3 * torch.tanh(self.conv(x.double()).to(x) + 1e-3 * ab)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: extra threads only add synchronisation (and stall badly when the
-    2 cores are shared), so run this module single-threaded and restore the setting after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _x(seed=1, dtype=F64, shape=(2, 3, 8, 8)):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 

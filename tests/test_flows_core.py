@@ -29,15 +29,6 @@ C, H, W, CC = 4, 3, 3, 3  # channels, map size, condition channels (small: Jacob
 
 # ----------------------------------------------------------------------------- helpers
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one thread is several times faster than two (no hand-offs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def perturb_(module: nn.Module, std: float = 0.1, seed: int = 0) -> nn.Module:
     """Add noise to every parameter so no log-det is trivially 0 (rotations, zero init)."""
     g = torch.Generator().manual_seed(seed)
