@@ -24,6 +24,10 @@ TINY = {
                    "feature_size": 32, "T": 200, "num_steps": 3},
     "glad": {"image_size": 16, "unet_channels": (8, 16), "train_steps": 2, "batch_size": 2,
              "feature_size": 32, "T": 200, "num_steps": 3, "min_step": 80, "delta": 0.05},
+    "tdad": {"image_size": 16, "unet_channels": (8, 16), "stage2_channels": (8, 16),
+             "fusion_channels": 4, "seg_channels": (8, 8, 8), "train_steps": 2, "seg_steps": 2,
+             "pool_size": 2, "batch_size": 2, "train_crop": 8, "steps1": 2, "steps2": 2,
+             "texture_source": "none"},
 }
 
 
